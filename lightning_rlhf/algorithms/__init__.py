@@ -1,0 +1,6 @@
+"""One LightningModule per stage. Imported lazily so `import lightning_rlhf.algorithms` stays light."""
+
+from lightning_rlhf.algorithms.reward_model import RewardModel
+from lightning_rlhf.algorithms.sft import SFT
+
+__all__ = ["SFT", "RewardModel"]

@@ -1,0 +1,5 @@
+"""Callbacks: everything that is not the algorithm itself (summaries, sample tables, writers)."""
+
+from lightning_rlhf.callbacks.summary import RunSummary
+
+__all__ = ["RunSummary"]

@@ -1,0 +1,56 @@
+"""Reward functions chosen by name, and the weighted combination the RL stages call.
+
+Every reward has the signature `(prompts: list[str], completions: list[str], **columns) -> list[float]`,
+where `columns` are extra dataset columns aligned with the completions (e.g. `answer=[...]`); a reward
+ignores the columns it does not use. Rewards that need settings are classes: `__init__` takes the
+settings, `__call__` has the signature above.
+
+Registered names (`REWARDS.names()`): `accuracy`, `format`, `language`, `countdown`, `reward_model`.
+YAML picks them through `CombinedReward` (see `compose.py`):
+
+    rewards: {accuracy: 1.0, format: 0.5}
+    rewards: [{name: accuracy, weight: 1.0}, {name: reward_model, weight: 1.0, path: ckpt/rm}]
+
+Simplification: the registry is process-global; a custom reward is added with
+`@REWARDS.register("my_reward")` before the config is parsed.
+"""
+
+from lightning_rlhf.registry import Registry
+
+REWARDS = Registry("reward function")
+
+# Imported after REWARDS exists: these modules register themselves into it.
+from lightning_rlhf.rewards.rules import (  # noqa: E402
+    AccuracyReward,
+    LanguageConsistency,
+    accuracy_reward,
+    countdown_reward,
+    extract_answer,
+    format_reward,
+    language_shares,
+)
+from lightning_rlhf.rewards.reward_model import RewardModelScorer  # noqa: E402
+from lightning_rlhf.rewards.compose import (  # noqa: E402
+    CombinedReward,
+    RewardOutput,
+    RewardSpec,
+    build_reward,
+    parse_reward_specs,
+)
+
+__all__ = [
+    "REWARDS",
+    "AccuracyReward",
+    "CombinedReward",
+    "LanguageConsistency",
+    "RewardModelScorer",
+    "RewardOutput",
+    "RewardSpec",
+    "accuracy_reward",
+    "build_reward",
+    "countdown_reward",
+    "extract_answer",
+    "format_reward",
+    "language_shares",
+    "parse_reward_specs",
+]

@@ -1,0 +1,66 @@
+"""Extra subcommands beside LightningCLI's fit/validate/test/predict.
+
+    make-tiny-model  build a tiny random Llama + locally trained BPE tokenizer as an HF dir
+    quickstart       the README's demo: tiny model -> SFT warm-up on CPU, with a summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from lightning_rlhf.registry import Registry
+
+COMMANDS = Registry("subcommand")
+
+QUICKSTART_STAGES = ["recipes/quickstart.yaml"]
+
+
+def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
+    """Texts the tiny tokenizer is trained on: the arithmetic SFT data plus a generic corpus."""
+    from lightning_rlhf.data.tasks import preference_pairs, sft_examples
+    from lightning_rlhf.models import default_corpus
+
+    texts = [r["prompt"] + " " + r["completion"] for r in sft_examples(n, seed=seed)]
+    texts += [r["rejected"] for r in preference_pairs(n // 4, seed=seed)]
+    return texts + default_corpus(seed=seed)
+
+
+@COMMANDS.register("make-tiny-model")
+def make_tiny_model(argv: list[str]) -> Path:
+    """Build the tiny base model the CPU recipes start from."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf make-tiny-model", description=make_tiny_model.__doc__)
+    p.add_argument("--out", default="checkpoints/tiny-base", help="output HF-format dir")
+    p.add_argument("--vocab-size", type=int, default=512)
+    p.add_argument("--hidden-size", type=int, default=128)
+    p.add_argument("--num-layers", type=int, default=4)
+    p.add_argument("--num-heads", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="overwrite an existing dir")
+    a = p.parse_args(argv)
+    from lightning_rlhf.models import build_tiny_model
+
+    out = Path(a.out)
+    if (out / "config.json").exists() and not a.force:
+        print(f"[lightning_rlhf] {out} exists; keeping it (pass --force to rebuild)")
+        return out
+    t0 = time.time()
+    build_tiny_model(out, texts=tokenizer_corpus(seed=a.seed), vocab_size=a.vocab_size, hidden_size=a.hidden_size,
+                     num_layers=a.num_layers, num_heads=a.num_heads, seed=a.seed)
+    print(f"[lightning_rlhf] tiny model written to {out} in {time.time() - t0:.1f}s")
+    return out
+
+
+@COMMANDS.register("quickstart")
+def quickstart(argv: list[str]) -> None:
+    """Build the tiny model (if missing) and run the quickstart recipe(s) on CPU."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf quickstart", description=quickstart.__doc__)
+    p.add_argument("extra", nargs="*", help="extra CLI overrides passed to every stage, e.g. --trainer.max_steps=5")
+    a, unknown = p.parse_known_args(argv)
+    from lightning_rlhf.cli import RLHFCLI
+
+    make_tiny_model([])
+    for recipe in QUICKSTART_STAGES:
+        print(f"[lightning_rlhf] quickstart: fit --config {recipe}")
+        RLHFCLI(args=["fit", "--config", recipe, *a.extra, *unknown])

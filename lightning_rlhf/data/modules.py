@@ -1,0 +1,128 @@
+"""LightningDataModules over `load_rows` sources: prompts (GRPO/PPO), SFT rows, preference pairs.
+
+They yield RAW rows, collated column-wise by `collate_rows` into {column: [values]}; tokenizing is
+the LightningModule's job (it owns the policy's tokenizer). Extra columns pass through untouched.
+
+Simplifications: data is loaded once per process in `setup()` and cached; the train loader shuffles with
+a `torch.Generator` seeded by `seed` (under DDP Lightning swaps in a DistributedSampler, seeded by
+`seed_everything`); no val source means no validation batches (`val_dataloader` returns []).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import datasets
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.data.sources import load_rows
+
+
+def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
+    """[{"prompt": "a", "answer": "1"}, ...] -> {"prompt": ["a", ...], "answer": ["1", ...]} (first row's keys)."""
+    if not rows:
+        return {}
+    return {key: [row[key] for row in rows] for key in rows[0]}
+
+
+class _RowsDataModule(pl.LightningDataModule):
+    """Shared loading and loaders; subclasses set REQUIRED and their own typed __init__."""
+
+    REQUIRED: tuple[str, ...] = ()
+
+    def _init(self, train: dict, val: dict | None, batch_size: int, val_batch_size: int, shuffle: bool,
+              seed: int, num_workers: int) -> None:
+        if batch_size < 1 or val_batch_size < 1:
+            raise ValueError(f"{type(self).__name__}: batch_size and val_batch_size must be >= 1, got "
+                             f"{batch_size} and {val_batch_size}")
+        self.train_source, self.val_source = train, val
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size
+        self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
+        self.train_dataset: datasets.Dataset | None = None
+        self.val_dataset: datasets.Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load (once) the train source and, if given, the val source; errors name the config key."""
+        if self.train_dataset is None:
+            self.train_dataset = load_rows(self.train_source, self.REQUIRED, what="data.init_args.train")
+        if self.val_source is not None and self.val_dataset is None:
+            self.val_dataset = load_rows(self.val_source, self.REQUIRED, what="data.init_args.val")
+
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+                          collate_fn=collate_rows, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        return self._loader(self.train_dataset, self.batch_size, self.shuffle)
+
+    def val_dataloader(self) -> DataLoader | list:
+        self.setup("validate")
+        if self.val_dataset is None:
+            return []
+        return self._loader(self.val_dataset, self.val_batch_size, False)
+
+
+class PromptDataModule(_RowsDataModule):
+    """Prompts with reference answers for the RL stages (GRPO, PPO). Required columns: prompt, answer.
+
+    Batches are {"prompt": [...], "answer": [...], ...extra columns}; `batch_size` is prompts per step.
+
+        data:
+          class_path: lightning_rlhf.data.PromptDataModule
+          init_args:
+            train: {task: arithmetic, n: 2000, seed: 0, split: train}
+            val: {task: arithmetic, n: 64, split: val}
+            batch_size: 8
+    """
+
+    REQUIRED = ("prompt", "answer")
+
+    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 8, val_batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
+
+
+class SFTDataModule(_RowsDataModule):
+    """Prompt/completion rows for SFT. Required columns: prompt, completion (answer, if present, passes through).
+
+        data:
+          class_path: lightning_rlhf.data.SFTDataModule
+          init_args:
+            train: {task: arithmetic_sft, n: 3000}
+            val: {task: arithmetic_sft, n: 64, split: val}
+            batch_size: 16
+    """
+
+    REQUIRED = ("prompt", "completion")
+
+    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 16, val_batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
+
+
+class PreferenceDataModule(_RowsDataModule):
+    """Preference pairs for the reward model. Required columns: prompt, chosen, rejected.
+
+        data:
+          class_path: lightning_rlhf.data.PreferenceDataModule
+          init_args:
+            train: {path: data/pairs.jsonl, columns: {prompt: question}}
+            val: {task: arithmetic_pairs, n: 128, split: val}
+            batch_size: 16
+    """
+
+    REQUIRED = ("prompt", "chosen", "rejected")
+
+    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 16, val_batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)

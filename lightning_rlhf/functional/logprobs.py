@@ -1,0 +1,97 @@
+"""Per-token log-probabilities and entropies from logits, in float32.
+
+`logprobs_from_logits` gives log pi(a_t | s_t) of the sampled tokens; `entropy_from_logits` gives the
+full-distribution entropy -sum_v p_v log p_v of each position (DESIGN.md §2).
+
+Alignment is the caller's job: pass the logits *at the position before* each token (for a causal LM,
+`logits[:, prompt_len - 1 : -1]` against the response tokens), so that logits[b, t] predicts tokens[b, t].
+
+Stability: each row's max logit is subtracted first (exactly, in float32), so huge logits neither
+overflow nor cancel.
+
+Memory: the (B, T, V) logits are processed in chunks of rows, each upcast to float32 on its own, so a
+bf16 forward never holds a full float32 copy of the logits at once. Log-probs use the form
+`logit[token] - logsumexp(logits)`, which is log_softmax-then-gather without materialising log_softmax.
+Under autograd the per-chunk float32 tensors are still saved for backward (a custom backward could avoid
+that; we keep it simple).
+
+Simplifications: the slides write the entropy bonus as -E[log pi(a_t | s_t)] (a one-sample estimate
+from the sampled token); we compute the exact entropy over the vocabulary instead.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+# Elements of float32 logits processed at once (2**25 floats = 128 MiB per chunk).
+_CHUNK_ELEMENTS = 2**25
+
+
+def _row_chunks(flat: Tensor) -> list[tuple[int, int]]:
+    """Split the rows of a (N, V) tensor into [start, stop) ranges of about _CHUNK_ELEMENTS each."""
+    n, v = flat.shape
+    step = max(1, _CHUNK_ELEMENTS // max(v, 1))
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def _float32_shifted(x: Tensor) -> Tensor:
+    """Upcast to float32 (float64 stays) and subtract the row max (detached; softmax is shift-invariant).
+
+    With the max at 0, `logsumexp - sum p z` does not cancel catastrophically for large logits.
+    A row that is all -inf is left as is.
+    """
+    x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    top = x.detach().amax(dim=-1, keepdim=True)
+    return x - torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-softmax of `logits` gathered at `tokens`: logp[b, t] = log softmax(logits[b, t])[tokens[b, t]].
+
+    Shapes: logits (B, T, V) (any dtype), tokens (B, T) integer -> (B, T) float32 (float64 stays
+    float64). Computed as `logits[token] - logsumexp(logits)` in float32, chunk by chunk.
+    """
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"logits shape {tuple(logits.shape)} does not match tokens shape {tuple(tokens.shape)}: "
+            "expected logits (B, T, V) and tokens (B, T); slice the logits to the positions that "
+            "predict the tokens (logits[:, start - 1 : -1] for tokens[:, start:])"
+        )
+    if tokens.dtype.is_floating_point:
+        raise ValueError(f"tokens must be an integer tensor of token ids, got dtype {tokens.dtype}")
+    vocab = logits.shape[-1]
+    flat = logits.reshape(-1, vocab)
+    flat_tokens = tokens.reshape(-1, 1).long()
+    out = []
+    for start, stop in _row_chunks(flat):
+        rows = _float32_shifted(flat[start:stop])
+        picked = rows.gather(-1, flat_tokens[start:stop]).squeeze(-1)
+        out.append(picked - torch.logsumexp(rows, dim=-1))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if not out:  # no positions at all
+        return torch.zeros(tokens.shape, dtype=dtype, device=logits.device)
+    return torch.cat(out).reshape(tokens.shape)
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) at each position: H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v.
+
+    Shapes: logits (B, T, V) -> (B, T) float32 (float64 stays float64). The logsumexp form is stable
+    for large logits; logits of -inf (masked vocabulary entries) contribute 0, as p log p -> 0.
+    """
+    vocab = logits.shape[-1]
+    lead = logits.shape[:-1]
+    flat = logits.reshape(-1, vocab)
+    out = []
+    for start, stop in _row_chunks(flat):
+        rows = _float32_shifted(flat[start:stop])
+        lse = torch.logsumexp(rows, dim=-1)
+        p = torch.softmax(rows, dim=-1)
+        # p_v = 0 where z_v = -inf; replace z_v by 0 there so 0 * -inf does not become NaN.
+        finite = rows.masked_fill(torch.isneginf(rows), 0.0)
+        out.append(lse - (p * finite).sum(-1))
+    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    if not out:
+        return torch.zeros(lead, dtype=dtype, device=logits.device)
+    return torch.cat(out).reshape(lead)

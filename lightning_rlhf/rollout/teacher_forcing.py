@@ -1,0 +1,77 @@
+"""Teacher-forced log-probs of a rollout's responses: one forward pass over prompt + response.
+
+This is how trainers score the policy (with gradients) and the reference model (under no_grad) on the
+tokens an engine sampled. With the same temperature, `sequence_logprobs` reproduces the engine's
+sampling-time logprobs (the parity test in tests/test_rollout.py pins that down).
+
+Simplifications: the whole batch goes through one forward (split the Rollout for smaller memory);
+the train/eval mode and grad mode are the caller's (dropout in train mode changes the numbers).
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import Tensor
+
+from lightning_rlhf.functional import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.rollout.base import Rollout
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    try:
+        return "logits_to_keep" in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def sequence_logprobs(
+    model: torch.nn.Module,
+    rollout: Rollout,
+    temperature: float = 1.0,
+    *,
+    return_entropy: bool = False,
+    return_logits: bool = False,
+) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
+    """Log-probs (N, T) float32 of rollout.response_ids under `model`, from logits / temperature.
+
+    One forward on rollout.input_ids with its attention_mask and position_ids (left padding aware); the
+    logits at positions P-1 .. P+T-2 predict the T response tokens. Padding positions are 0.
+    With return_entropy / return_logits, returns `(logprobs, extras)` where extras["entropy"] is the
+    (N, T) entropy of softmax(logits / temperature) (0 at padding) and extras["logits"] the (N, T, V)
+    temperature-scaled logits. Models whose forward accepts `logits_to_keep` (HF causal LMs) only
+    compute the T + 1 last positions of the lm head.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
+    p, t = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    kwargs = {}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = t + 1  # positions P-1 .. P+T-1 of the P+T inputs
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    # The last T+1 positions are P-1 .. P+T-1 in both cases; drop P+T-1 (it predicts past the end).
+    logits = logits[:, -(t + 1) : -1] if t > 0 else logits[:, :0]
+    if logits.shape[1] != t:
+        raise ValueError(
+            f"model returned logits for {logits.shape[1]} response positions, expected {t}: the model's "
+            f"forward must return logits (N, P+T, V) or (N, T+1, V) with logits_to_keep"
+        )
+    logits = logits.float() / temperature
+    mask = rollout.response_mask > 0
+    logprobs = torch.where(mask, logprobs_from_logits(logits, rollout.response_ids), 0.0)
+    if not (return_entropy or return_logits):
+        return logprobs
+    extras: dict[str, Tensor] = {}
+    if return_entropy:
+        extras["entropy"] = torch.where(mask, entropy_from_logits(logits), 0.0)
+    if return_logits:
+        extras["logits"] = logits
+    return logprobs, extras
