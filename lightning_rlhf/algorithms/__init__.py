@@ -3,4 +3,6 @@
 from lightning_rlhf.algorithms.reward_model import RewardModel
 from lightning_rlhf.algorithms.sft import SFT
 
-__all__ = ["SFT", "RewardModel"]
+from lightning_rlhf.algorithms.grpo import GRPO
+
+__all__ = ["SFT", "RewardModel", "GRPO"]

@@ -50,7 +50,7 @@ class RewardModel(LightningModule):
 
         require_checkpoint(model, produced_by)
         self.tokenizer = load_tokenizer(model, padding_side="right")
-        self.model = load_reward_model(model)
+        self.model = load_reward_model(model).train()
         self.val_sums = MetricSums()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
 

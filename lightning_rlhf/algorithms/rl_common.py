@@ -22,7 +22,7 @@ def load_policy_and_ref(
 
     require_checkpoint(policy, produced_by)
     tokenizer = load_tokenizer(policy)
-    model = disable_dropout(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype))
+    model = disable_dropout(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype)).train()
     ref = None
     if beta > 0:
         ref_path = ref_model or policy
@@ -89,7 +89,7 @@ def rollout_metrics(ro: Any, rewards: Any, rollout_s: float, update_s: float) ->
 
 def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
     """Greedy completions for held-out prompts -> val/accuracy (exact task answer) and val/reward."""
-    from lightning_rlhf.rewards import REWARDS
+    from lightning_rlhf.rewards import accuracy_reward
 
     hp = module.hparams
     completions = generate_text(module.policy, module.tokenizer, module.engine, batch["prompt"],
@@ -98,7 +98,7 @@ def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
     columns = {k: v for k, v in batch.items() if k != "prompt"}
     n = len(completions)
     if "answer" in batch:
-        correct = REWARDS.get("accuracy")(batch["prompt"], completions, answer=batch["answer"])
+        correct = accuracy_reward(batch["prompt"], completions, answer=batch["answer"])
         sums.add("val/accuracy", sum(correct), n)
     out = module.reward_fn(batch["prompt"], completions, columns)
     sums.add("val/reward", out.total.sum(), n)

@@ -58,7 +58,7 @@ class SFT(LightningModule):
 
         require_checkpoint(policy, produced_by)
         self.tokenizer = load_tokenizer(policy)
-        self.policy = load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype)
+        self.policy = load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype).train()
         self.engine = ROLLOUT_ENGINES.get(rollout_engine)()
         self.val_sums = MetricSums()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
@@ -87,12 +87,12 @@ class SFT(LightningModule):
             loss_sum, n_tokens = self._loss_sums(batch)
         self.val_sums.add("val/loss", loss_sum, n_tokens)
         if "answer" in batch:
-            from lightning_rlhf.rewards import REWARDS
+            from lightning_rlhf.rewards import accuracy_reward
 
             completions = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
                                         max_new_tokens=self.hparams.val_max_new_tokens,
                                         max_prompt_length=self.hparams.max_prompt_length)
-            correct = REWARDS.get("accuracy")(batch["prompt"], completions, answer=batch["answer"])
+            correct = accuracy_reward(batch["prompt"], completions, answer=batch["answer"])
             self.val_sums.add("val/accuracy", sum(correct), len(correct))
 
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:

@@ -73,12 +73,12 @@ def require_checkpoint(path: str | os.PathLike, produced_by: str | None = None) 
     `produced_by` names the recipe whose run writes that directory, so the message says what to run.
     """
     p = str(path)
-    if looks_local(path) and not os.path.exists(os.path.expanduser(p)):
+    # A path some recipe produces is local by definition, even before its parent folder exists.
+    if (produced_by or looks_local(path)) and not os.path.exists(os.path.expanduser(p)):
         if produced_by:
-            raise FileNotFoundError(
-                f"checkpoint '{p}' not found. Run `python -m lightning_rlhf fit --config {produced_by}` first "
-                "(it writes that directory)."
-            )
+            cmd = produced_by if produced_by.startswith("python ") else (
+                f"python -m lightning_rlhf fit --config {produced_by}")
+            raise FileNotFoundError(f"checkpoint '{p}' not found. Run `{cmd}` first (it writes that directory).")
         raise FileNotFoundError(
             f"checkpoint '{p}' not found. Pass an existing HF-format directory or a Hugging Face model id."
         )
