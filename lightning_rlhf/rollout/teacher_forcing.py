@@ -39,7 +39,7 @@ def sequence_logprobs(
     One forward on rollout.input_ids with its attention_mask and position_ids (left padding aware); the
     logits at positions P-1 .. P+T-2 predict the T response tokens. Padding positions are 0.
     With return_entropy / return_logits, returns `(logprobs, extras)` where extras["entropy"] is the
-    (N, T) entropy of softmax(logits / temperature) (0 at padding) and extras["logits"] the (N, T, V)
+    (N, T) entropy of softmax(logits / temperature) (0 at padding; detached, a statistic) and extras["logits"] the (N, T, V)
     temperature-scaled logits. Models whose forward accepts `logits_to_keep` (HF causal LMs) only
     compute the T + 1 last positions of the lm head.
     """
@@ -71,7 +71,8 @@ def sequence_logprobs(
         return logprobs
     extras: dict[str, Tensor] = {}
     if return_entropy:
-        extras["entropy"] = torch.where(mask, entropy_from_logits(logits), 0.0)
+        with torch.no_grad():  # a statistic: no graph kept for it
+            extras["entropy"] = torch.where(mask, entropy_from_logits(logits.detach()), 0.0)
     if return_logits:
         extras["logits"] = logits
     return logprobs, extras

@@ -1,0 +1,109 @@
+"""GRPO stage: one update on a fixed rollout equals the formulas applied by hand; step counting; plumbing."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+from torch.utils.data import DataLoader
+
+from lightning_rlhf.algorithms import GRPO
+from lightning_rlhf.algorithms import grpo as grpo_mod
+from lightning_rlhf.algorithms.common import encode_prompts
+from lightning_rlhf.data import collate_rows
+from lightning_rlhf.rewards.compose import RewardOutput
+from lightning_rlhf.rollout import sequence_logprobs
+
+PROMPTS = [{"prompt": "3+4=?", "answer": "7"}, {"prompt": "9-2=?", "answer": "7"}]
+
+
+def _trainer(tmp_path, max_steps=1):
+    return Trainer(accelerator="cpu", devices=1, max_steps=max_steps, logger=False, enable_checkpointing=False,
+                   enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                   default_root_dir=tmp_path)
+
+
+def _loader():
+    return DataLoader(PROMPTS, batch_size=2, collate_fn=collate_rows)
+
+
+def _fixed_rollout(module, g):
+    torch.manual_seed(0)
+    ids, mask = encode_prompts(module.tokenizer, [p["prompt"] for p in PROMPTS], 32)
+    tok = module.tokenizer
+    return module.engine.generate(module.policy, ids, mask, num_generations=g, max_new_tokens=6,
+                                  temperature=1.0, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+
+
+class _GradCapturingGRPO(GRPO):
+    """Records the gradients the optimizer is about to apply."""
+
+    def on_before_optimizer_step(self, optimizer):
+        self.captured = [p.grad.detach().clone() for p in self.policy.parameters()]
+
+
+def test_one_update_equals_hand_formulas(tiny_model_dir, tmp_path, monkeypatch):
+    g, beta, clip, lr = 4, 0.5, 0.2, 1e-2
+    # A reference that differs from the policy (at the policy itself the k3 gradient is 0 and untested).
+    from lightning_rlhf.models import load_causal_lm, load_tokenizer, save_hf
+
+    ref_model = load_causal_lm(tiny_model_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in ref_model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    save_hf(ref_model, load_tokenizer(tiny_model_dir), tmp_path / "ref")
+    module = _GradCapturingGRPO(policy=str(tiny_model_dir), ref_model=str(tmp_path / "ref"), rewards={"format": 1.0},
+                  num_generations=g, beta=beta,
+                  clip_low=clip, lr=lr, max_grad_norm=None, max_new_tokens=6, val_on_start=False)
+    ro = _fixed_rollout(module, g)
+    # Make the "old" policy differ from the current one so some ratios leave [0.8, 1.2] and get clipped.
+    torch.manual_seed(1)
+    ro.logprobs = torch.where(ro.response_mask > 0, ro.logprobs + 0.4 * torch.randn_like(ro.logprobs), 0.0)
+    rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    out = RewardOutput(total=rewards, per_reward={"format": rewards}, errors=0)
+    monkeypatch.setattr(grpo_mod, "rollout_and_score", lambda m, b, num_generations: (ro, out))
+
+    policy0 = copy.deepcopy(module.policy)
+    _trainer(tmp_path).fit(module, train_dataloaders=_loader())
+
+    # By hand. Group 1 rewards [1,0,0,0]: mean 0.25, unbiased std = sqrt((0.5625+3*0.0625)/3) = 0.5
+    #   -> A = [1.5, -0.5, -0.5, -0.5].  Group 2 [1,1,0,1]: mean 0.75, std 0.5 -> A = [0.5, 0.5, -1.5, 0.5].
+    adv = torch.tensor([1.5, -0.5, -0.5, -0.5, 0.5, 0.5, -1.5, 0.5])
+    mask = ro.response_mask
+    logp = sequence_logprobs(policy0, ro)
+    with torch.no_grad():
+        ref = sequence_logprobs(ref_model, ro)
+    ratio = torch.exp(logp - ro.logprobs)
+    a = adv[:, None]
+    surrogate = torch.maximum(-a * ratio, -a * ratio.clamp(1 - clip, 1 + clip))
+    d = ref - logp
+    k3 = torch.exp(d) - d - 1
+    loss = ((surrogate + beta * k3) * mask).sum() / mask.sum()  # token-mean over all real tokens
+    assert ((ratio - 1).abs() > clip)[mask > 0].any(), "the test should exercise clipping"
+    loss.backward()
+    for (name, p_hand), g_trained in zip(policy0.named_parameters(), module.captured):
+        torch.testing.assert_close(g_trained, p_hand.grad, atol=1e-6, rtol=1e-4, msg=name)
+    # ... and the optimizer applied it: the weights moved.
+    assert any((p0 - p1).abs().max() > 0 for p0, p1 in zip(policy0.parameters(), module.policy.parameters()))
+
+def test_global_step_counts_rollouts_and_optimizer_steps_per_minibatch(tiny_model_dir, tmp_path):
+    # 2 prompts x G=4 = 8 responses; mini-batches of 4 -> 2 per pass; 2 passes -> 4 optimizer steps per rollout.
+    module = GRPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, num_generations=4, beta=0.0,
+                  num_iterations=2, mini_batch_size=4, micro_batch_size=2, max_new_tokens=4, val_on_start=False)
+    assert module.ref is None  # beta = 0: no reference model is loaded
+    trainer = _trainer(tmp_path, max_steps=3)
+    trainer.fit(module, train_dataloaders=DataLoader(PROMPTS * 3, batch_size=2, collate_fn=collate_rows))
+    assert trainer.global_step == 3
+    opt = trainer.optimizers[0]
+    steps = {int(s["step"]) for s in opt.state.values()}
+    assert steps == {3 * 4}
+
+
+def test_batch_size_mismatch_is_named(tiny_model_dir, tmp_path):
+    module = GRPO(policy=str(tiny_model_dir), num_generations=4, beta=0.0, mini_batch_size=3, max_new_tokens=2,
+                  val_on_start=False)
+    with pytest.raises(ValueError, match="mini_batch_size=3 does not divide the 8 responses"):
+        _trainer(tmp_path).fit(module, train_dataloaders=_loader())

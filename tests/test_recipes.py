@@ -1,0 +1,121 @@
+"""Every recipe under recipes/ parses, and the recipes chain: each stage starts from what another writes.
+
+Only parsing and instantiation-time checks run here (no training): `fit --print_config` for every
+recipe, the `produced_by` links between recipes, and the error a user sees when a stage's starting
+checkpoint has not been produced yet (run in an empty working directory, so `checkpoints/...` is missing).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lightning_rlhf.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = sorted(REPO.glob("recipes/**/*.yaml"))
+RECIPE_IDS = [str(p.relative_to(REPO)) for p in RECIPES]
+# `python -m lightning_rlhf make-tiny-model` writes here by default (its `--out` default in commands.py).
+TINY_BASE_DEFAULT = "checkpoints/tiny-base"
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _norm(v):
+    """PyYAML reads `1e-3` (no dot) as a string, jsonargparse prints it as a float: compare as floats."""
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_norm(x) for x in v]
+    return v
+
+
+def _start_checkpoint(init_args: dict) -> str | None:
+    """The checkpoint a stage starts from: `policy` for generators, `model` for the reward model."""
+    return init_args.get("policy") or init_args.get("model")
+
+
+def _chained_recipes() -> list[Path]:
+    return [p for p in RECIPES if (_load(p).get("model") or {}).get("init_args", {}).get("produced_by")]
+
+
+@pytest.fixture(autouse=True)
+def _plain_argv(monkeypatch):
+    # LightningCLI compares `args` with sys.argv; under pytest sys.argv holds pytest's own arguments.
+    monkeypatch.setattr(sys, "argv", ["lightning_rlhf"])
+
+
+def test_recipes_exist():
+    # The three stages of the tiny pipeline must be there; more recipes may be added.
+    names = set(RECIPE_IDS)
+    for needed in ("recipes/sft/tiny_arithmetic.yaml", "recipes/reward_model/tiny_arithmetic.yaml",
+                   "recipes/r1_zero/tiny_arithmetic.yaml"):
+        assert needed in names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=RECIPE_IDS)
+def test_print_config_parses_recipe(recipe, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["fit", "--print_config", "--config", str(recipe)])
+    assert exc.value.code in (0, None)
+    printed = yaml.safe_load(capsys.readouterr().out)
+    raw = _load(recipe)
+    assert printed["model"]["class_path"] == raw["model"]["class_path"]
+    assert printed["data"]["class_path"] == raw["data"]["class_path"]
+    # Values the recipe sets reach the resolved config unchanged.
+    for group, given, resolved in (("trainer", raw.get("trainer", {}), printed["trainer"]),
+                                   ("model", raw["model"].get("init_args", {}), printed["model"]["init_args"])):
+        for key, value in given.items():
+            if isinstance(value, str) and "${" in value:
+                continue  # an interpolation, printed resolved
+            assert _norm(resolved[key]) == _norm(value), f"{group}.{key}"
+
+
+@pytest.mark.parametrize("recipe", _chained_recipes(), ids=lambda p: str(p.relative_to(REPO)))
+def test_produced_by_names_the_stage_that_writes_the_start_checkpoint(recipe):
+    init = _load(recipe)["model"]["init_args"]
+    start, producer = _start_checkpoint(init), init["produced_by"]
+    assert start, f"{recipe} has produced_by but no policy/model"
+    if producer.startswith("python -m lightning_rlhf make-tiny-model"):
+        assert start == TINY_BASE_DEFAULT
+        return
+    producer_path = REPO / producer
+    assert producer_path.is_file(), f"{recipe}: produced_by {producer} does not exist"
+    assert _load(producer_path)["model"]["init_args"]["output_dir"] == start
+
+
+@pytest.mark.parametrize("recipe", _chained_recipes(), ids=lambda p: str(p.relative_to(REPO)))
+def test_missing_start_checkpoint_names_path_and_command(recipe, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # relative `checkpoints/...` dirs do not exist here
+    init = _load(recipe)["model"]["init_args"]
+    start, producer = _start_checkpoint(init), init["produced_by"]
+    cmd = producer if producer.startswith("python ") else f"python -m lightning_rlhf fit --config {producer}"
+    # jsonargparse currently wraps the FileNotFoundError in a ValueError (see the xfail test below).
+    with pytest.raises((FileNotFoundError, ValueError)) as exc:
+        main(["fit", "--config", str(recipe)])
+    msg = str(exc.value)
+    assert f"'{start}'" in msg
+    assert f"`{cmd}`" in msg
+    assert not (tmp_path / "runs").exists()  # nothing written before the check
+
+
+@pytest.mark.xfail(
+    strict=True, raises=ValueError,
+    reason="bug: jsonargparse's subclass-mode instantiation catches the stage's FileNotFoundError and re-raises "
+           "a ValueError 'Does not validate against any of the Union subtypes' that only quotes it; from the "
+           "command line the user sees two chained tracebacks",
+)
+def test_missing_start_checkpoint_raises_file_not_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="checkpoints/sft-tiny"):
+        main(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml")])
