@@ -62,7 +62,7 @@ class RLHFCLI(LightningCLI):
     """LightningCLI with a guaranteed CSV log, archived reruns and our default callbacks."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf"})
+        kwargs.setdefault("parser_kwargs", {"parser_mode": "omegaconf+"})
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)
@@ -86,12 +86,20 @@ class RLHFCLI(LightningCLI):
 
 def main(argv: list[str] | None = None) -> None:
     """Dispatch extra subcommands, else run the LightningCLI."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     from lightning_rlhf.commands import COMMANDS
+    from lightning_rlhf.errors import find_user_error
 
-    if argv and argv[0] in COMMANDS.names():
-        COMMANDS.get(argv[0])(argv[1:])
-        return
-    if argv and argv[0] in ("-h", "--help"):
-        print("extra subcommands: " + ", ".join(COMMANDS.names()) + "  (each takes --help)\n")
-    RLHFCLI(args=argv)
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if args and args[0] in COMMANDS.names():
+            COMMANDS.get(args[0])(args[1:])
+            return
+        if args and args[0] in ("-h", "--help"):
+            print("extra subcommands: " + ", ".join(COMMANDS.names()) + "  (each takes --help)\n")
+        RLHFCLI(args=argv)  # None: LightningCLI reads sys.argv itself (no "both given" warning)
+    except Exception as e:  # a user error gets its message, not a traceback; anything else propagates
+        user_error = find_user_error(e)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
+        sys.exit(2)

@@ -33,7 +33,9 @@ class Registry:
             return self._items[name]
         except KeyError:
             valid = ", ".join(sorted(self._items))
-            raise ValueError(f"unknown {self.kind} '{name}'. Valid names: {valid}") from None
+            from lightning_rlhf.errors import ConfigError
+
+            raise ConfigError(f"unknown {self.kind} '{name}'. Valid names: {valid}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -113,11 +113,6 @@ def test_misspelt_flag_exits_with_message_not_traceback(misspelt_flag_run):
     assert "checkpoint '" not in r.stderr  # stopped while parsing, before looking for the policy
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: cli.main(None) passes args=sys.argv[1:] to LightningCLI, which then warns on every command-line "
-           "run that it is 'not recommended to provide both args and command line arguments'",
-)
 def test_entry_point_prints_no_spurious_args_warning(misspelt_flag_run):
     assert "not recommended to provide both args" not in misspelt_flag_run.stderr
 
@@ -265,12 +260,6 @@ def test_wandb_key_detection(no_wandb_credentials, monkeypatch):
     assert wandb_key_configured()
 
 
-@pytest.mark.xfail(
-    strict=True, raises=InterpolationKeyError,
-    reason="bug: configs/logger/wandb.yaml interpolates ${trainer.default_root_dir}, but the 'omegaconf' parser "
-           "mode resolves each --config file alone, so composing it with any recipe raises "
-           "omegaconf InterpolationKeyError (with a traceback)",
-)
 def test_wandb_config_runs_offline_and_keeps_csv(tiny_model_dir, tmp_path, no_wandb_credentials):
     root = tmp_path / "run"
     cfg = write_yaml(tmp_path / "sft.yaml", tiny_sft_config(tiny_model_dir, root, max_steps=1, val=False))

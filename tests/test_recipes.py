@@ -95,27 +95,26 @@ def test_produced_by_names_the_stage_that_writes_the_start_checkpoint(recipe):
 
 
 @pytest.mark.parametrize("recipe", _chained_recipes(), ids=lambda p: str(p.relative_to(REPO)))
-def test_missing_start_checkpoint_names_path_and_command(recipe, tmp_path, monkeypatch):
+def test_missing_start_checkpoint_names_path_and_command(recipe, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # relative `checkpoints/...` dirs do not exist here
     init = _load(recipe)["model"]["init_args"]
     start, producer = _start_checkpoint(init), init["produced_by"]
     cmd = producer if producer.startswith("python ") else f"python -m lightning_rlhf fit --config {producer}"
-    # jsonargparse currently wraps the FileNotFoundError in a ValueError (see the xfail test below).
-    with pytest.raises((FileNotFoundError, ValueError)) as exc:
+    # The command line prints the user error as one line and exits 2 (no traceback).
+    with pytest.raises(SystemExit) as exc:
         main(["fit", "--config", str(recipe)])
-    msg = str(exc.value)
+    assert exc.value.code == 2
+    msg = capsys.readouterr().err
     assert f"'{start}'" in msg
     assert f"`{cmd}`" in msg
     assert not (tmp_path / "runs").exists()  # nothing written before the check
 
 
-@pytest.mark.xfail(
-    strict=True, raises=ValueError,
-    reason="bug: jsonargparse's subclass-mode instantiation catches the stage's FileNotFoundError and re-raises "
-           "a ValueError 'Does not validate against any of the Union subtypes' that only quotes it; from the "
-           "command line the user sees two chained tracebacks",
-)
-def test_missing_start_checkpoint_raises_file_not_found(tmp_path, monkeypatch):
+def test_missing_start_checkpoint_is_a_file_not_found_error_under_the_wrapping(tmp_path, monkeypatch, capsys):
+    # jsonargparse wraps the stage's error in a ValueError; main() finds the MissingFileError in the chain.
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(FileNotFoundError, match="checkpoints/sft-tiny"):
+    with pytest.raises(SystemExit):
         main(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml")])
+    err = capsys.readouterr().err
+    assert err.startswith("error: checkpoint 'checkpoints/sft-tiny' not found")
+    assert "Traceback" not in err

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.algorithms.common import encode_prompts, generate_text, disable_dropout
 
 
@@ -37,10 +38,10 @@ def check_batch_sizes(n: int, mini: int | None, micro: int | None) -> tuple[int,
     mini = mini or n
     micro = micro or mini
     if n % mini:
-        raise ValueError(f"mini_batch_size={mini} does not divide the {n} responses of a step "
+        raise ConfigError(f"mini_batch_size={mini} does not divide the {n} responses of a step "
                          f"(prompts per step x num_generations); pick a divisor of {n}")
     if mini % micro:
-        raise ValueError(f"micro_batch_size={micro} does not divide mini_batch_size={mini}; pick a divisor of {mini}")
+        raise ConfigError(f"micro_batch_size={micro} does not divide mini_batch_size={mini}; pick a divisor of {mini}")
     return mini, micro
 
 

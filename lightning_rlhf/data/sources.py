@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
 
+from lightning_rlhf.errors import DataError, MissingFileError
 from lightning_rlhf.data.tasks import TASKS
 from lightning_rlhf.registry import Registry
 
@@ -51,7 +52,7 @@ def gsm8k(row: dict) -> dict:
     """
     text = row.get("answer")
     if not isinstance(text, str) or "####" not in text:
-        raise ValueError(f"format gsm8k: the 'answer' value has no '#### <number>' line (got {text!r:.80}). "
+        raise DataError(f"format gsm8k: the 'answer' value has no '#### <number>' line (got {text!r:.80}). "
                          "Use format: identity, or point 'answer' at a GSM8K-style column with columns:.")
     out = dict(row)
     if "prompt" not in out and "question" in out:
@@ -70,23 +71,23 @@ class _Spec:
 
     def __init__(self, source: Any, required: Sequence[str], what: str) -> None:
         if not isinstance(source, Mapping):
-            raise ValueError(f"{what} must be a mapping such as {EXAMPLE}; got {type(source).__name__} {source!r:.80}")
+            raise DataError(f"{what} must be a mapping such as {EXAMPLE}; got {type(source).__name__} {source!r:.80}")
         self.source, self.required, self.what = dict(source), list(required), what
         if "task" in source and "path" in source:
-            raise ValueError(f"{what} has both 'task' and 'path'; give one: {EXAMPLE}")
+            raise DataError(f"{what} has both 'task' and 'path'; give one: {EXAMPLE}")
         if "task" not in source and "path" not in source:
-            raise ValueError(f"{what} needs 'task' (generated data) or 'path' (a file, a directory or a Hugging "
+            raise DataError(f"{what} needs 'task' (generated data) or 'path' (a file, a directory or a Hugging "
                              f"Face dataset id), e.g. {EXAMPLE}. Got keys: {sorted(source)}")
         self.columns = self._check_columns(source.get("columns"))
         self.limit = source.get("limit")
         if self.limit is not None and (not isinstance(self.limit, int) or isinstance(self.limit, bool)
                                        or self.limit < 0):
-            raise ValueError(f"{what}.limit must be a non-negative integer, got {self.limit!r}")
+            raise DataError(f"{what}.limit must be a non-negative integer, got {self.limit!r}")
         fmt = source.get("format")
         try:
             self.format: Callable[[dict], dict] | None = FORMATTERS.get(fmt) if fmt else None
         except ValueError as e:
-            raise ValueError(f"{what}.format: {e}") from None
+            raise DataError(f"{what}.format: {e}") from None
         self.format_name = fmt
         if "path" in source:
             self._check_keys(PATH_KEYS + COMMON_KEYS)
@@ -94,18 +95,18 @@ class _Spec:
     def _check_keys(self, valid: Sequence[str]) -> None:
         unknown = sorted(set(self.source) - set(valid))
         if unknown:
-            raise ValueError(f"{self.what}: unknown key(s) {unknown}. Valid keys here: {', '.join(valid)}")
+            raise DataError(f"{self.what}: unknown key(s) {unknown}. Valid keys here: {', '.join(valid)}")
 
     def _check_columns(self, columns: Any) -> dict[str, str]:
         if columns is None:
             return {}
         if not isinstance(columns, Mapping) or not all(isinstance(k, str) and isinstance(v, str)
                                                        for k, v in columns.items()):
-            raise ValueError(f"{self.what}.columns must map our column names to theirs, e.g. "
+            raise DataError(f"{self.what}.columns must map our column names to theirs, e.g. "
                              f"{{prompt: question, answer: solution}}; got {columns!r}")
         theirs = list(columns.values())
         if len(set(theirs)) != len(theirs):
-            raise ValueError(f"{self.what}.columns maps one column to several names ({columns}); map each once.")
+            raise DataError(f"{self.what}.columns maps one column to several names ({columns}); map each once.")
         return dict(columns)
 
     def describe(self) -> str:
@@ -135,18 +136,18 @@ def _text_value(value: Any, col: str, loc: str) -> str:
     elif isinstance(value, float):
         value = str(int(value)) if value.is_integer() else str(value)
     if value is None:
-        raise ValueError(f"{loc}: '{col}' is null. Every row needs a {col}; fill it in or delete that row.")
+        raise DataError(f"{loc}: '{col}' is null. Every row needs a {col}; fill it in or delete that row.")
     if not isinstance(value, str):
-        raise ValueError(f"{loc}: '{col}' is a {type(value).__name__} ({value!r:.60}), expected text. Point "
+        raise DataError(f"{loc}: '{col}' is a {type(value).__name__} ({value!r:.60}), expected text. Point "
                          f"'{col}' at a text column with columns:, or convert it with format:.")
     if not value.strip():
-        raise ValueError(f"{loc}: '{col}' is empty. Every row needs a non-empty {col}; fill it in or delete that row.")
+        raise DataError(f"{loc}: '{col}' is empty. Every row needs a non-empty {col}; fill it in or delete that row.")
     return value
 
 
 def _process_row(row: Any, loc: str, spec: _Spec) -> dict:
     if not isinstance(row, dict):
-        raise ValueError(f"{loc}: expected a JSON object per row, got {type(row).__name__}. Write one "
+        raise DataError(f"{loc}: expected a JSON object per row, got {type(row).__name__}. Write one "
                          '{"prompt": ..., ...} object per line.')
     for ours, theirs in spec.columns.items():
         if theirs not in row:
@@ -158,7 +159,7 @@ def _process_row(row: Any, loc: str, spec: _Spec) -> dict:
         try:
             renamed = spec.format(renamed)
         except Exception as e:
-            raise ValueError(f"{loc}: format '{spec.format_name}' failed: {e}") from e
+            raise DataError(f"{loc}: format '{spec.format_name}' failed: {e}") from e
     for col in spec.required:
         if col not in renamed:
             raise spec.missing_row_column(loc, col, renamed)
@@ -174,7 +175,7 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON row ({err.msg} at column {err.colno}). "
+                raise DataError(f"{path}:{lineno}: malformed JSON row ({err.msg} at column {err.colno}). "
                                  "Fix or delete that line.") from None
             yield f"{path}:{lineno}", row
 
@@ -187,7 +188,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:
         rows = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: malformed JSON ({err}). Fix the file, or write JSON Lines "
+        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err}). Fix the file, or write JSON Lines "
                          "(.jsonl, one object per line).") from None
     for i, row in enumerate(rows):
         yield f"{path}: row {i}", row
@@ -197,7 +198,7 @@ def _rows_to_dataset(rows: list[dict], where: str) -> datasets.Dataset:
     try:
         return datasets.Dataset.from_list(rows)
     except Exception as e:  # pyarrow type errors: one column with different types across rows
-        raise ValueError(f"{where}: could not build a table from the rows ({e}). Each column must hold one "
+        raise DataError(f"{where}: could not build a table from the rows ({e}). Each column must hold one "
                          "type in every row; fix the odd rows or drop that column.") from e
 
 
@@ -222,7 +223,7 @@ def _process_dataset(ds: datasets.Dataset, spec: _Spec, limit: int | None) -> da
         ds = ds.select(range(limit))
     for ours, theirs in spec.columns.items():
         if theirs not in ds.column_names:
-            raise ValueError(f"{where} has no column '{theirs}' (named in {spec.what}.columns for '{ours}'). Its "
+            raise DataError(f"{where} has no column '{theirs}' (named in {spec.what}.columns for '{ours}'). Its "
                              f"columns: {', '.join(ds.column_names)}. Fix the mapping.")
     if spec.columns:
         clash = [c for c in spec.columns if c in ds.column_names and c not in spec.columns.values()]
@@ -232,7 +233,7 @@ def _process_dataset(ds: datasets.Dataset, spec: _Spec, limit: int | None) -> da
     missing = [c for c in spec.required if c not in ds.column_names]
     if missing:
         col = missing[0]
-        raise ValueError(f"{where} has no '{col}' column (needed: {', '.join(spec.required)}; it has: "
+        raise DataError(f"{where} has no '{col}' column (needed: {', '.join(spec.required)}; it has: "
                          f"{', '.join(ds.column_names)}). Map one of its columns with {spec.what}.columns, "
                          f"e.g. columns: {{{col}: <their column>}}, or pick a source that has it.")
     for col in spec.required:
@@ -248,7 +249,7 @@ def _format_dataset(ds: datasets.Dataset, spec: _Spec) -> datasets.Dataset:
         try:
             return spec.format(dict(row))
         except Exception as e:
-            raise ValueError(f"{spec.describe()} row {i}: format '{spec.format_name}' failed: {e}") from e
+            raise DataError(f"{spec.describe()} row {i}: format '{spec.format_name}' failed: {e}") from e
 
     return ds.map(apply, with_indices=True, remove_columns=ds.column_names, desc=f"format {spec.format_name}")
 
@@ -258,14 +259,14 @@ def _from_task(spec: _Spec) -> datasets.Dataset:
     try:
         fn = TASKS.get(spec.source["task"])
     except ValueError as e:
-        raise ValueError(f"{spec.what}.task: {e}") from None
+        raise DataError(f"{spec.what}.task: {e}") from None
     if "n" not in args:
-        raise ValueError(f"{spec.what}: task sources need n (how many rows), e.g. "
+        raise DataError(f"{spec.what}: task sources need n (how many rows), e.g. "
                          f"{{task: {spec.source['task']}, n: 2000}}")
     params = [p for p in inspect.signature(fn).parameters]
     unknown = sorted(set(args) - set(params))
     if unknown:
-        raise ValueError(f"{spec.what}: unknown key(s) {unknown} for task '{spec.source['task']}'. Valid keys: "
+        raise DataError(f"{spec.what}: unknown key(s) {unknown} for task '{spec.source['task']}'. Valid keys: "
                          f"task, {', '.join(params)}, {', '.join(COMMON_KEYS)}")
     n = args.pop("n")
     rows = fn(n, **args)
@@ -283,7 +284,7 @@ def _local_files(root: Path, spec: _Spec) -> list[Path]:
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in FILE_TYPES
                    and not any(part.startswith(".") for part in p.relative_to(root).parts))
     if not files:
-        raise FileNotFoundError(f"{spec.what}.path: directory '{root}' holds no {', '.join(FILE_TYPES)} files.")
+        raise MissingFileError(f"{spec.what}.path: directory '{root}' holds no {', '.join(FILE_TYPES)} files.")
     named = {f: _split_of_file(f) for f in files}
     if not any(named.values()):
         return files
@@ -291,7 +292,7 @@ def _local_files(root: Path, spec: _Spec) -> list[Path]:
     chosen = [f for f, s in named.items() if s == want]
     if not chosen:
         found = sorted({s for s in named.values() if s})
-        raise ValueError(f"{spec.what}: '{root}' has no files for split '{spec.source.get('split', 'train')}' "
+        raise DataError(f"{spec.what}: '{root}' has no files for split '{spec.source.get('split', 'train')}' "
                          f"(its files name the splits: {', '.join(found)}). Set split: to one of them.")
     return chosen
 
@@ -301,7 +302,7 @@ def _from_disk(root: Path, spec: _Spec) -> datasets.Dataset:
     if isinstance(loaded, datasets.DatasetDict):
         split = spec.source.get("split", "train")
         if split not in loaded:
-            raise ValueError(f"{spec.what}: '{root}' has splits {list(loaded)}, not '{split}'. Set split: to one.")
+            raise DataError(f"{spec.what}: '{root}' has splits {list(loaded)}, not '{split}'. Set split: to one.")
         loaded = loaded[split]
     return _process_dataset(loaded, spec, spec.limit)
 
@@ -313,7 +314,7 @@ def _from_local(root: Path, spec: _Spec) -> datasets.Dataset:
     for f in _local_files(root, spec):
         kind = FILE_TYPES.get(f.suffix)
         if kind is None:
-            raise ValueError(f"{spec.what}.path: '{f}' is not one of {', '.join(FILE_TYPES)}. Convert it, or give "
+            raise DataError(f"{spec.what}.path: '{f}' is not one of {', '.join(FILE_TYPES)}. Convert it, or give "
                              "a directory of such files.")
         if kind in ("jsonl", "json"):
             part = _load_json_file(f, kind, spec, left)
@@ -341,7 +342,7 @@ def _from_hub(spec: _Spec) -> datasets.Dataset:
     try:
         ds = datasets.load_dataset(src["path"], split=src.get("split", "train"), **kwargs)
     except Exception as e:
-        raise ValueError(f"{spec.what}: could not load Hugging Face dataset '{src['path']}' ({type(e).__name__}: "
+        raise DataError(f"{spec.what}: could not load Hugging Face dataset '{src['path']}' ({type(e).__name__}: "
                          f"{e}). Check the id, name: and split:, and that the Hub is reachable. No local file or "
                          f"directory '{src['path']}' exists under {Path.cwd()}; for a local one, give its path "
                          "(e.g. ./data/train.jsonl).") from e
@@ -359,15 +360,15 @@ def load_rows(source: Mapping[str, Any], required: Sequence[str], *, what: str =
     else:
         path = spec.source["path"]
         if not isinstance(path, str) or not path:
-            raise ValueError(f"{what}.path must be a file, directory or dataset id string, got {path!r}")
+            raise DataError(f"{what}.path must be a file, directory or dataset id string, got {path!r}")
         if _looks_local(path):
             root = Path(path).expanduser()
             if not root.exists():
-                raise FileNotFoundError(f"{what}.path: '{path}' does not exist (relative paths start at "
+                raise MissingFileError(f"{what}.path: '{path}' does not exist (relative paths start at "
                                         f"{Path.cwd()}). Fix the path.")
             ds = _from_local(root, spec)
         else:
             ds = _from_hub(spec)
     if len(ds) == 0:
-        raise ValueError(f"{what}: {spec.describe()} has no rows. Point it at data, or raise n / limit.")
+        raise DataError(f"{what}: {spec.describe()} has no rows. Point it at data, or raise n / limit.")
     return ds

@@ -39,6 +39,7 @@ from transformers import (
     PreTrainedModel,
 )
 
+from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE
 
 _DTYPES: dict[str, Any] = {
@@ -78,8 +79,8 @@ def require_checkpoint(path: str | os.PathLike, produced_by: str | None = None) 
         if produced_by:
             cmd = produced_by if produced_by.startswith("python ") else (
                 f"python -m lightning_rlhf fit --config {produced_by}")
-            raise FileNotFoundError(f"checkpoint '{p}' not found. Run `{cmd}` first (it writes that directory).")
-        raise FileNotFoundError(
+            raise MissingFileError(f"checkpoint '{p}' not found. Run `{cmd}` first (it writes that directory).")
+        raise MissingFileError(
             f"checkpoint '{p}' not found. Pass an existing HF-format directory or a Hugging Face model id."
         )
     return os.path.expanduser(p) if p.startswith("~") else p
@@ -106,7 +107,7 @@ def _dtype(dtype: str | torch.dtype) -> Any:
         return dtype
     key = str(dtype).lower().replace("torch.", "")
     if key not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype.")
+        raise ConfigError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype.")
     return _DTYPES[key]
 
 
