@@ -24,7 +24,7 @@ from lightning_rlhf.algorithms import common
 from lightning_rlhf.algorithms.common import MetricSums, export_hf, log_to_loggers, make_scheduler
 from lightning_rlhf.algorithms.optim import as_list, step
 from lightning_rlhf.algorithms.rl_common import (
-    check_batch_sizes, load_policy_and_ref, print_plan, rollout_and_score, rollout_metrics, validate_batch,
+    check_batch_sizes, load_policy_and_ref, reference_logprobs, print_plan, rollout_and_score, rollout_metrics, validate_batch,
 )
 from lightning_rlhf.functional import group_advantages, grpo_loss
 from lightning_rlhf.rollout import sequence_logprobs
@@ -65,6 +65,9 @@ class GRPO(LightningModule):
         lr_schedule: str = "constant",
         max_grad_norm: float | None = 1.0,
         rollout_engine: str = "hf",
+        rollout_kwargs: dict[str, Any] | None = None,
+        gradient_checkpointing: bool = False,
+        val_accuracy_reward: str = "accuracy",
         val_max_new_tokens: int | None = None,
         val_on_start: bool = True,
     ) -> None:
@@ -76,7 +79,9 @@ class GRPO(LightningModule):
 
         self.reward_fn = CombinedReward(rewards if rewards is not None else {"accuracy": 1.0})
         self.policy, self.ref, self.tokenizer = load_policy_and_ref(policy, ref_model, beta, produced_by, gguf_file, dtype)
-        self.engine = ROLLOUT_ENGINES.get(rollout_engine)()
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.engine = ROLLOUT_ENGINES.get(rollout_engine)(**(rollout_kwargs or {}))
         self.val_sums = MetricSums()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
 
@@ -87,10 +92,7 @@ class GRPO(LightningModule):
         ro, rewards = rollout_and_score(self, batch, num_generations=hp.num_generations)      # 1-2
         adv = group_advantages(rewards.total.to(self.device), hp.num_generations,                # 3
                                scale_by_std=hp.scale_by_std, eps=hp.adv_eps)
-        ref_logp = None
-        if self.ref is not None:
-            with torch.no_grad():
-                ref_logp = sequence_logprobs(self.ref, ro, hp.temperature)
+        ref_logp = reference_logprobs(self.ref, ro, hp.temperature, hp.micro_batch_size)
         t1 = time.perf_counter()
         stats = self.update(ro, adv, ref_logp)                                                   # 4
         t2 = time.perf_counter()

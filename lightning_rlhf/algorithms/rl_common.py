@@ -53,6 +53,17 @@ def repeat_columns(batch: dict[str, list], g: int) -> tuple[list[str], dict[str,
 
 
 @torch.no_grad()
+def reference_logprobs(ref: Any, ro: Any, temperature: float, chunk: int | None) -> torch.Tensor | None:
+    """Log-probs of the rollout under the frozen reference, `chunk` responses per forward (None: all)."""
+    if ref is None:
+        return None
+    from lightning_rlhf.rollout import sequence_logprobs
+
+    idx = torch.arange(len(ro), device=ro.response_ids.device)
+    return torch.cat([sequence_logprobs(ref, ro.select(i), temperature) for i in idx.split(chunk or len(ro))])
+
+
+@torch.no_grad()
 def rollout_and_score(module: Any, batch: dict[str, list], *, num_generations: int) -> tuple[Any, Any]:
     """Steps 1-2 of an RL step: sample `num_generations` responses per prompt and score them."""
     hp = module.hparams
@@ -62,7 +73,6 @@ def rollout_and_score(module: Any, batch: dict[str, list], *, num_generations: i
         max_new_tokens=hp.max_new_tokens, temperature=hp.temperature, top_p=hp.top_p, top_k=hp.top_k,
         eos_token_id=module.tokenizer.eos_token_id, pad_token_id=module.tokenizer.pad_token_id,
     )
-    module.policy.train()
     prompts, columns = repeat_columns(batch, num_generations)
     module.last_completions = ro.decode(module.tokenizer)
     rewards = module.reward_fn(prompts, module.last_completions, columns)
@@ -90,17 +100,18 @@ def rollout_metrics(ro: Any, rewards: Any, rollout_s: float, update_s: float) ->
 
 def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
     """Greedy completions for held-out prompts -> val/accuracy (exact task answer) and val/reward."""
-    from lightning_rlhf.rewards import accuracy_reward
+    from lightning_rlhf.rewards import build_reward, parse_reward_specs
 
     hp = module.hparams
+    if getattr(module, "val_accuracy_fn", None) is None:  # built once: the task's exact-answer check
+        module.val_accuracy_fn = build_reward(parse_reward_specs({hp.val_accuracy_reward: 1.0})[0])
     completions = generate_text(module.policy, module.tokenizer, module.engine, batch["prompt"],
                                 max_new_tokens=hp.val_max_new_tokens or hp.max_new_tokens,
                                 max_prompt_length=hp.max_prompt_length)
     columns = {k: v for k, v in batch.items() if k != "prompt"}
     n = len(completions)
-    if "answer" in batch:
-        correct = accuracy_reward(batch["prompt"], completions, answer=batch["answer"])
-        sums.add("val/accuracy", sum(correct), n)
+    correct = module.val_accuracy_fn(batch["prompt"], completions, **columns)
+    sums.add("val/accuracy", sum(correct), n)
     out = module.reward_fn(batch["prompt"], completions, columns)
     sums.add("val/reward", out.total.sum(), n)
     sums.add("val/response_length", sum(len(module.tokenizer(c)["input_ids"]) for c in completions), n)
@@ -111,8 +122,9 @@ def print_plan(module: Any) -> None:
     if not module.trainer.is_global_zero:
         return
     hp, trainer = module.hparams, module.trainer
-    dm = trainer.datamodule
-    prompts = getattr(getattr(dm, "hparams", {}), "get", lambda *_: None)("batch_size") if dm is not None else None
+    prompts = getattr(trainer.datamodule, "batch_size", None)  # prompts per step, per rank
+    if prompts is None and trainer.train_dataloader is not None:
+        prompts = getattr(trainer.train_dataloader, "batch_size", None)
     prompts = prompts or "?"
     world = trainer.world_size
     g = hp.num_generations
