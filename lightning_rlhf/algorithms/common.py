@@ -175,6 +175,28 @@ def log_to_loggers(module: Any, metrics: dict[str, float], step: int) -> None:
         lg.save()
 
 
+def validate_at_start(module: Any, validate_batch: Any, model: torch.nn.Module) -> None:
+    """Run `validate_batch` over the val loader before the first update and log the result at step 0."""
+    trainer = module.trainer
+    if not module.hparams.val_on_start or not trainer.val_dataloaders:
+        return
+    model.eval()
+    for batch in trainer.val_dataloaders:
+        validate_batch(batch)
+    model.train()
+    metrics = module.val_sums.compute(trainer.strategy)
+    log_to_loggers(module, metrics, step=0)
+    module.eval_history.append((0, metrics))
+
+
+def finish_validation(module: Any) -> None:
+    """Reduce the validation sums across ranks, log them, and remember them for the run summary."""
+    metrics = module.val_sums.compute(module.trainer.strategy)
+    if not module.trainer.sanity_checking:
+        module.log_dict(metrics, sync_dist=False)
+        module.eval_history.append((module.global_step, metrics))
+
+
 def export_hf(model: Any, tokenizer: Any, output_dir: str | None, trainer: Any) -> Path | None:
     """Save `model` and `tokenizer` as an HF-format directory on global rank 0."""
     if output_dir is None or (trainer is not None and not trainer.is_global_zero):

@@ -21,7 +21,9 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_rlhf.algorithms import common
-from lightning_rlhf.algorithms.common import MetricSums, export_hf, log_to_loggers, make_scheduler
+from lightning_rlhf.algorithms.common import (
+    MetricSums, export_hf, finish_validation, make_scheduler, validate_at_start,
+)
 from lightning_rlhf.algorithms.optim import as_list, step
 from lightning_rlhf.algorithms.rl_common import (
     check_batch_sizes, load_policy_and_ref, reference_logprobs, print_plan, rollout_and_score, rollout_metrics, validate_batch,
@@ -142,21 +144,11 @@ class GRPO(LightningModule):
         validate_batch(self, batch, self.val_sums)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_sums.compute(self.trainer.strategy)
-        if not self.trainer.sanity_checking:
-            self.log_dict(metrics, sync_dist=False)
-            self.eval_history.append((self.global_step, metrics))
+        finish_validation(self)
 
     def on_train_start(self) -> None:
         print_plan(self)
-        if self.hparams.val_on_start and self.trainer.val_dataloaders:
-            self.policy.eval()
-            for batch in self.trainer.val_dataloaders:
-                validate_batch(self, batch, self.val_sums)
-            self.policy.train()
-            metrics = self.val_sums.compute(self.trainer.strategy)
-            log_to_loggers(self, metrics, step=0)
-            self.eval_history.append((0, metrics))
+        validate_at_start(self, lambda batch: validate_batch(self, batch, self.val_sums), self.policy)
 
     def configure_optimizers(self) -> Any:
         hp = self.hparams

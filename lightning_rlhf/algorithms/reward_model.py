@@ -16,7 +16,8 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_rlhf.algorithms.common import (
-    MetricSums, export_hf, format_conversation, log_to_loggers, make_scheduler, total_training_steps,
+    MetricSums, export_hf, finish_validation, format_conversation, make_scheduler, total_training_steps,
+    validate_at_start,
 )
 from lightning_rlhf.functional import bradley_terry_loss
 
@@ -89,22 +90,10 @@ class RewardModel(LightningModule):
         self._validate_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_sums.compute(self.trainer.strategy)
-        if self.trainer.sanity_checking:
-            return
-        self.log_dict(metrics, sync_dist=False)
-        self.eval_history.append((self.global_step, metrics))
+        finish_validation(self)
 
     def on_train_start(self) -> None:
-        if not self.hparams.val_on_start or not self.trainer.val_dataloaders:
-            return
-        self.model.eval()
-        for batch in self.trainer.val_dataloaders:
-            self._validate_batch(batch)
-        self.model.train()
-        metrics = self.val_sums.compute(self.trainer.strategy)
-        log_to_loggers(self, metrics, step=0)
-        self.eval_history.append((0, metrics))
+        validate_at_start(self, self._validate_batch, self.model)
 
     def configure_optimizers(self) -> Any:
         opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)

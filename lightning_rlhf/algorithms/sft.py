@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from lightning_rlhf.algorithms.common import (
-    MetricSums, encode_completions, export_hf, generate_text, log_to_loggers, make_scheduler, total_training_steps,
+    MetricSums, encode_completions, export_hf, finish_validation, generate_text, make_scheduler,
+    total_training_steps, validate_at_start,
 )
 
 
@@ -99,23 +100,10 @@ class SFT(LightningModule):
         self._validate_batch(batch)
 
     def on_validation_epoch_end(self) -> None:
-        metrics = self.val_sums.compute(self.trainer.strategy)
-        if self.trainer.sanity_checking:
-            return
-        self.log_dict(metrics, sync_dist=False)
-        self.eval_history.append((self.global_step, metrics))
+        finish_validation(self)
 
     def on_train_start(self) -> None:
-        if not self.hparams.val_on_start or not self.trainer.val_dataloaders:
-            return
-        was_training = self.policy.training
-        self.policy.eval()
-        for batch in self.trainer.val_dataloaders:
-            self._validate_batch(batch)
-        self.policy.train(was_training)
-        metrics = self.val_sums.compute(self.trainer.strategy)
-        log_to_loggers(self, metrics, step=0)
-        self.eval_history.append((0, metrics))
+        validate_at_start(self, self._validate_batch, self.policy)
 
     # 3. optimisation and export --------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
