@@ -24,15 +24,18 @@ from lightning_rlhf.functional.losses import (
     value_loss,
 )
 from lightning_rlhf.functional.masked import masked_mean, masked_sum, masked_var, masked_whiten
+from lightning_rlhf.functional.ppo import adaptive_kl_coef, explained_variance, token_level_rewards
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
     "KL_ESTIMATORS",
     "LOSS_AGGREGATIONS",
+    "adaptive_kl_coef",
     "aggregate",
     "bradley_terry_loss",
     "dr_grpo_advantages",
     "entropy_from_logits",
+    "explained_variance",
     "gae_advantages",
     "group_advantages",
     "grpo_advantages",
@@ -44,5 +47,6 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "policy_loss",
+    "token_level_rewards",
     "value_loss",
 ]

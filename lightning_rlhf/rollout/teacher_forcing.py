@@ -33,13 +33,15 @@ def sequence_logprobs(
     *,
     return_entropy: bool = False,
     return_logits: bool = False,
+    entropy_grad: bool = False,
 ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
     """Log-probs (N, T) float32 of rollout.response_ids under `model`, from logits / temperature.
 
     One forward on rollout.input_ids with its attention_mask and position_ids (left padding aware); the
     logits at positions P-1 .. P+T-2 predict the T response tokens. Padding positions are 0.
     With return_entropy / return_logits, returns `(logprobs, extras)` where extras["entropy"] is the
-    (N, T) entropy of softmax(logits / temperature) (0 at padding; detached, a statistic) and extras["logits"] the (N, T, V)
+    (N, T) entropy of softmax(logits / temperature) (0 at padding; detached, a statistic, unless
+    `entropy_grad=True`, which keeps its graph for an entropy bonus in the loss) and extras["logits"] the (N, T, V)
     temperature-scaled logits. Models whose forward accepts `logits_to_keep` (HF causal LMs) only
     compute the T + 1 last positions of the lm head.
     """
@@ -70,7 +72,9 @@ def sequence_logprobs(
     if not (return_entropy or return_logits):
         return logprobs
     extras: dict[str, Tensor] = {}
-    if return_entropy:
+    if return_entropy and entropy_grad:  # PPO's entropy bonus: differentiable
+        extras["entropy"] = torch.where(mask, entropy_from_logits(logits), 0.0)
+    elif return_entropy:
         with torch.no_grad():  # a statistic: no graph kept for it
             extras["entropy"] = torch.where(mask, entropy_from_logits(logits.detach()), 0.0)
     if return_logits:
