@@ -107,3 +107,26 @@ def test_batch_size_mismatch_is_named(tiny_model_dir, tmp_path):
                   val_on_start=False)
     with pytest.raises(ValueError, match="mini_batch_size=3 does not divide the 8 responses"):
         _trainer(tmp_path).fit(module, train_dataloaders=_loader())
+
+
+def _digit_share(prompts, completions, **_):
+    """Test reward: the share of a completion's characters that are digits (varies across random samples)."""
+    return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+def test_grpo_raises_a_reward_on_the_tiny_model(tiny_model_dir, tmp_path, monkeypatch):
+    from lightning_rlhf.rewards import REWARDS
+
+    monkeypatch.setitem(REWARDS._items, "digit_share", _digit_share)
+    torch.manual_seed(0)
+    module = GRPO(policy=str(tiny_model_dir), rewards={"digit_share": 1.0}, num_generations=8, beta=0.0,
+                  max_new_tokens=8, lr=3e-3, val_on_start=False)
+    rewards = []
+    module.log_dict = lambda metrics, **kw: rewards.append(metrics["train/reward"])
+    prompts = [{"prompt": f"{i}+{i}=?", "answer": str(2 * i)} for i in range(8)]
+    _trainer(tmp_path, max_steps=25).fit(module, train_dataloaders=DataLoader(prompts * 25, batch_size=4,
+                                                                                collate_fn=collate_rows))
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    # a random model writes few digits (about 0.01 of its characters at the start); 25 GRPO steps lift that
+    # share many times over (0.013 -> 0.196 when written), which no sampling noise does
+    assert last > first + 0.1 and last > 3 * first, (first, last)
