@@ -23,19 +23,19 @@ def test_collate_rows_by_hand():
 
 
 def test_prompt_batches_keys_sizes_and_coverage():
-    dm = PromptDataModule(ARITH, batch_size=4)
+    dm = PromptDataModule(ARITH, batch_size=5)
     dm.setup("fit")
     batches = list(dm.train_dataloader())
-    assert [len(b["prompt"]) for b in batches] == [4, 4, 2]  # 10 rows, drop_last=False
+    assert [len(b["prompt"]) for b in batches] == [5, 5]  # 10 rows
     assert all(set(b) == {"prompt", "answer", "question"} for b in batches)  # extra column passes through
     assert all(isinstance(p, str) for b in batches for p in b["prompt"] + b["answer"])
     assert sorted(prompts(batches)) == sorted(dm.train_dataset["prompt"][:])  # each row exactly once
-    assert dm.hparams["batch_size"] == 4 and dm.hparams["train"] == ARITH
+    assert dm.hparams["batch_size"] == 5 and dm.hparams["train"] == ARITH
 
 
 def test_shuffling_is_seeded():
     def order(seed, shuffle=True):
-        dm = PromptDataModule({**ARITH, "n": 30}, batch_size=8, seed=seed, shuffle=shuffle)
+        dm = PromptDataModule({**ARITH, "n": 30}, batch_size=10, seed=seed, shuffle=shuffle)
         dm.setup("fit")
         return prompts(dm.train_dataloader()), dm.train_dataset["prompt"][:]
 
@@ -115,7 +115,7 @@ def test_trainer_fit_with_and_without_val(tmp_path, val, expect_val):
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
                          default_root_dir=tmp_path)
-    trainer.fit(model, datamodule=PromptDataModule(ARITH, val=val, batch_size=4, val_batch_size=4))
+    trainer.fit(model, datamodule=PromptDataModule(ARITH, val=val, batch_size=5, val_batch_size=4))
     assert model.seen == {"train": 10, "val": expect_val}
 
 
@@ -130,3 +130,11 @@ def test_built_from_yaml_by_jsonargparse():
     assert isinstance(dm, PromptDataModule) and dm.batch_size == 3 and dm.val_source is None
     dm.setup("fit")
     assert len(dm.train_dataset) == 12
+
+
+def test_prompt_module_drops_the_incomplete_last_training_batch():
+    # 10 prompts in batches of 4: the RL stages need equal steps, so the trailing 2 prompts are dropped
+    from lightning_rlhf.data import PromptDataModule
+
+    dm = PromptDataModule(train={"task": "arithmetic", "n": 10}, batch_size=4)
+    assert [len(b["prompt"]) for b in dm.train_dataloader()] == [4, 4]

@@ -146,6 +146,9 @@ class GRPO(LightningModule):
     def on_validation_epoch_end(self) -> None:
         finish_validation(self)
 
+    def on_fit_start(self) -> None:
+        self.reward_fn.to(self.device)  # a reward model scores on the training device
+
     def on_train_start(self) -> None:
         print_plan(self)
         validate_at_start(self, lambda batch: validate_batch(self, batch, self.val_sums), self.policy)

@@ -44,7 +44,9 @@ class RunSummary(Callback):
             "outputs": {
                 "metrics": str(root / "metrics.csv"),
                 "config": str(root / "config.yaml"),
-                "model": str(getattr(pl_module, "export_dir", None) or hp.get("output_dir") or "-"),
+                "model": str(getattr(pl_module, "export_dir", None)
+                             or (f"{hp['output_dir']} (not written: the run did not finish)" if hp.get("output_dir")
+                                 else "-")),
             },
         }
 

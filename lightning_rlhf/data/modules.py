@@ -31,6 +31,7 @@ class _RowsDataModule(pl.LightningDataModule):
     """Shared loading and loaders; subclasses set REQUIRED and their own typed __init__."""
 
     REQUIRED: tuple[str, ...] = ()
+    DROP_LAST = False  # RL stages need every step to have batch_size prompts (mini-batches must divide it)
 
     def _init(self, train: dict, val: dict | None, batch_size: int, val_batch_size: int, shuffle: bool,
               seed: int, num_workers: int) -> None:
@@ -50,14 +51,14 @@ class _RowsDataModule(pl.LightningDataModule):
         if self.val_source is not None and self.val_dataset is None:
             self.val_dataset = load_rows(self.val_source, self.REQUIRED, what="data.init_args.val")
 
-    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+    def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=False,
+        return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=generator, drop_last=drop_last,
                           collate_fn=collate_rows, num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, self.shuffle)
+        return self._loader(self.train_dataset, self.batch_size, self.shuffle, drop_last=self.DROP_LAST)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -69,7 +70,8 @@ class _RowsDataModule(pl.LightningDataModule):
 class PromptDataModule(_RowsDataModule):
     """Prompts with reference answers for the RL stages (GRPO, PPO). Required columns: prompt, answer.
 
-    Batches are {"prompt": [...], "answer": [...], ...extra columns}; `batch_size` is prompts per step.
+    Batches are {"prompt": [...], "answer": [...], ...extra columns}; `batch_size` is prompts per step. The
+    last incomplete training batch of an epoch is dropped, so every rollout step has the same size.
 
         data:
           class_path: lightning_rlhf.data.PromptDataModule
@@ -80,6 +82,7 @@ class PromptDataModule(_RowsDataModule):
     """
 
     REQUIRED = ("prompt", "answer")
+    DROP_LAST = True
 
     def __init__(self, train: dict, val: dict | None = None, batch_size: int = 8, val_batch_size: int = 32,
                  shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
