@@ -54,3 +54,4 @@ __all__ = [
     "language_shares",
     "parse_reward_specs",
 ]
+from lightning_rlhf.rewards import arithmetic  # noqa: E402,F401  (registers arithmetic_steps)
