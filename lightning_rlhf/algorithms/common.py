@@ -7,6 +7,7 @@ prompts are single-turn user messages; a completion is the assistant turn follow
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -17,6 +18,10 @@ from torch.optim.lr_scheduler import LambdaLR
 from lightning_rlhf.registry import Registry
 
 LR_SCHEDULES = Registry("lr schedule")
+
+# Validation metrics are reduced across ranks by MetricSums before they are logged, so Lightning's advice
+# to add sync_dist=True would average them a second time.
+warnings.filterwarnings("ignore", message=r".*when logging on epoch level in distributed setting.*")
 
 
 @LR_SCHEDULES.register("constant")

@@ -118,9 +118,8 @@ def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
 
 
 def print_plan(module: Any) -> None:
-    """Print prompts/responses per step, minibatches and optimizer steps per rollout, tokens per step."""
-    if not module.trainer.is_global_zero:
-        return
+    """Check the batch sizes, then print prompts/responses per step, mini-batches and optimizer steps per
+    rollout, and tokens per step (rank 0)."""
     hp, trainer = module.hparams, module.trainer
     prompts = getattr(trainer.datamodule, "batch_size", None)  # prompts per step, per rank
     if prompts is None and trainer.train_dataloader is not None:
@@ -129,6 +128,8 @@ def print_plan(module: Any) -> None:
     world = trainer.world_size
     g = hp.num_generations
     n = prompts * g if isinstance(prompts, int) else None
+    if n is not None:
+        check_batch_sizes(n, hp.mini_batch_size, hp.micro_batch_size)  # fail before any work, not at step 1
     mini = hp.mini_batch_size or n
     micro = hp.micro_batch_size or mini
     per_rollout = hp.num_iterations * (n // mini) if n and mini else "?"
@@ -144,4 +145,5 @@ def print_plan(module: Any) -> None:
         f"  reward                {', '.join(module.reward_fn.names)};  beta {hp.beta} "
         f"({'reference loaded' if getattr(module, 'ref', None) is not None else 'no reference model'})",
     ]
-    print("\n".join(lines), flush=True)
+    if trainer.is_global_zero:
+        print("\n".join(lines), flush=True)
