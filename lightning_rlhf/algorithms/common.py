@@ -64,6 +64,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, name: str, warmup_steps: in
     return LambdaLR(optimizer, factor)
 
 
+def adamw_with_schedule(params: Any, hp: Any, trainer: Any) -> dict[str, Any]:
+    """AdamW(lr, weight_decay) with `make_scheduler(lr_schedule, warmup_steps)` over the run's optimizer steps."""
+    opt = torch.optim.AdamW(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    sched = make_scheduler(opt, hp.lr_schedule, hp.warmup_steps, total_training_steps(trainer))
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
 def total_training_steps(trainer: Any) -> int:
     """Optimizer steps the trainer will run (max_steps, or epochs x batches when max_steps is -1)."""
     if trainer.max_steps and trainer.max_steps > 0:
@@ -127,8 +134,8 @@ def encode_completions(
 def generate_text(
     model: Any, tokenizer: Any, engine: Any, prompts: Sequence[str], *, max_new_tokens: int,
     max_prompt_length: int, greedy: bool = True, temperature: float = 1.0,
-) -> list[str]:
-    """Generate one completion per prompt (greedy by default) and decode it without special tokens."""
+) -> tuple[list[str], torch.Tensor]:
+    """Generate one completion per prompt (greedy by default): (texts without special tokens, (N,) token lengths)."""
     ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
     device = next(model.parameters()).device
     ro = engine.generate(
@@ -136,7 +143,7 @@ def generate_text(
         greedy=greedy, temperature=temperature,
         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
-    return ro.decode(tokenizer)
+    return ro.decode(tokenizer), ro.response_lengths
 
 
 def format_conversation(tokenizer: Any, prompt: str, completion: str) -> str:

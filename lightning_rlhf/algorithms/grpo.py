@@ -20,9 +20,8 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule
 
-from lightning_rlhf.algorithms import common
 from lightning_rlhf.algorithms.common import (
-    MetricSums, export_hf, finish_validation, make_scheduler, validate_at_start,
+    MetricSums, adamw_with_schedule, export_hf, finish_validation, validate_at_start,
 )
 from lightning_rlhf.algorithms.optim import as_list, step
 from lightning_rlhf.algorithms.rl_common import (
@@ -154,10 +153,7 @@ class GRPO(LightningModule):
         validate_at_start(self, lambda batch: validate_batch(self, batch, self.val_sums), self.policy)
 
     def configure_optimizers(self) -> Any:
-        hp = self.hparams
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        return {"optimizer": opt, "lr_scheduler": make_scheduler(opt, hp.lr_schedule, hp.warmup_steps,
-                                                                 common.total_training_steps(self.trainer))}
+        return adamw_with_schedule(self.policy.parameters(), self.hparams, self.trainer)
 
     def on_train_end(self) -> None:
         self.export_dir = export_hf(self.policy, self.tokenizer, self.hparams.output_dir, self.trainer)

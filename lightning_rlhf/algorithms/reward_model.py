@@ -16,8 +16,7 @@ import torch
 from lightning.pytorch import LightningModule
 
 from lightning_rlhf.algorithms.common import (
-    MetricSums, export_hf, finish_validation, format_conversation, make_scheduler, total_training_steps,
-    validate_at_start,
+    MetricSums, adamw_with_schedule, export_hf, finish_validation, format_conversation, validate_at_start,
 )
 from lightning_rlhf.functional import bradley_terry_loss
 
@@ -96,10 +95,7 @@ class RewardModel(LightningModule):
         validate_at_start(self, self._validate_batch, self.model)
 
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.model.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = make_scheduler(opt, self.hparams.lr_schedule, self.hparams.warmup_steps,
-                               total_training_steps(self.trainer))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.model.parameters(), self.hparams, self.trainer)
 
     def on_train_end(self) -> None:
         self.export_dir = export_hf(self.model, self.tokenizer, self.hparams.output_dir, self.trainer)

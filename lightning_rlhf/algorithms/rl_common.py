@@ -105,7 +105,7 @@ def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
     hp = module.hparams
     if getattr(module, "val_accuracy_fn", None) is None:  # built once: the task's exact-answer check
         module.val_accuracy_fn = build_reward(parse_reward_specs({hp.val_accuracy_reward: 1.0})[0])
-    completions = generate_text(module.policy, module.tokenizer, module.engine, batch["prompt"],
+    completions, lengths = generate_text(module.policy, module.tokenizer, module.engine, batch["prompt"],
                                 max_new_tokens=hp.val_max_new_tokens or hp.max_new_tokens,
                                 max_prompt_length=hp.max_prompt_length)
     columns = {k: v for k, v in batch.items() if k != "prompt"}
@@ -114,7 +114,7 @@ def validate_batch(module: Any, batch: dict[str, list], sums: Any) -> None:
     sums.add("val/accuracy", sum(correct), n)
     out = module.reward_fn(batch["prompt"], completions, columns)
     sums.add("val/reward", out.total.sum(), n)
-    sums.add("val/response_length", sum(len(module.tokenizer(c)["input_ids"]) for c in completions), n)
+    sums.add("val/response_length", lengths.sum(), n)
 
 
 def print_plan(module: Any) -> None:

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 
 from lightning_rlhf.algorithms.common import (
-    MetricSums, encode_completions, export_hf, finish_validation, generate_text, make_scheduler,
-    total_training_steps, validate_at_start,
+    MetricSums, adamw_with_schedule, encode_completions, export_hf, finish_validation, generate_text,
+    validate_at_start,
 )
 
 
@@ -90,7 +90,7 @@ class SFT(LightningModule):
         if "answer" in batch:
             from lightning_rlhf.rewards import accuracy_reward
 
-            completions = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
+            completions, _ = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
                                         max_new_tokens=self.hparams.val_max_new_tokens,
                                         max_prompt_length=self.hparams.max_prompt_length)
             correct = accuracy_reward(batch["prompt"], completions, answer=batch["answer"])
@@ -107,10 +107,7 @@ class SFT(LightningModule):
 
     # 3. optimisation and export --------------------------------------------------------------------
     def configure_optimizers(self) -> Any:
-        opt = torch.optim.AdamW(self.policy.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
-        sched = make_scheduler(opt, self.hparams.lr_schedule, self.hparams.warmup_steps,
-                               total_training_steps(self.trainer))
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        return adamw_with_schedule(self.policy.parameters(), self.hparams, self.trainer)
 
     def on_train_end(self) -> None:
         self.export_dir = export_hf(self.policy, self.tokenizer, self.hparams.output_dir, self.trainer)

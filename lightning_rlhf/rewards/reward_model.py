@@ -86,10 +86,10 @@ class RewardModelScorer:
 
     def format_text(self, prompt: str, completion: str) -> str:
         """The text the reward model reads for one pair."""
-        tok = self.tokenizer
-        if self.apply_chat_template and getattr(tok, "chat_template", None):
-            chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
-            return tok.apply_chat_template(chat, tokenize=False)
+        from lightning_rlhf.algorithms.common import format_conversation  # the RM stage trains on this text
+
+        if self.apply_chat_template:
+            return format_conversation(self.tokenizer, prompt, completion)
         return prompt + completion
 
     def __call__(self, prompts: list[str], completions: list[str], **_) -> list[float]:

@@ -47,7 +47,7 @@ def sequence_logprobs(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
-    p, t = rollout.prompt_ids.shape[1], rollout.response_ids.shape[1]
+    t = rollout.response_ids.shape[1]
     kwargs = {}
     if _accepts_logits_to_keep(model):
         kwargs["logits_to_keep"] = t + 1  # positions P-1 .. P+T-1 of the P+T inputs
