@@ -1,7 +1,7 @@
 """Extra subcommands beside LightningCLI's fit/validate/test/predict.
 
     make-tiny-model  build a tiny random Llama + locally trained BPE tokenizer as an HF dir
-    quickstart       the README's demo: tiny model -> SFT warm-up on CPU, with a summary
+    quickstart       the README's demo: tiny model -> SFT warm-up -> GRPO on CPU, with a summary
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from lightning_rlhf.registry import Registry
 
 COMMANDS = Registry("subcommand")
 
-QUICKSTART_STAGES = ["recipes/quickstart.yaml"]
+QUICKSTART_STAGES = ["recipes/quickstart.yaml", "recipes/quickstart_grpo.yaml"]
 
 
 def tokenizer_corpus(n: int = 3000, seed: int = 0) -> list[str]:
@@ -54,13 +54,29 @@ def make_tiny_model(argv: list[str]) -> Path:
 
 @COMMANDS.register("quickstart")
 def quickstart(argv: list[str]) -> None:
-    """Build the tiny model (if missing) and run the quickstart recipe(s) on CPU."""
+    """Build the tiny model (if missing), run the quickstart recipes (SFT warm-up, then GRPO) on CPU."""
     p = argparse.ArgumentParser(prog="python -m lightning_rlhf quickstart", description=quickstart.__doc__)
     p.add_argument("extra", nargs="*", help="extra CLI overrides passed to every stage, e.g. --trainer.max_steps=5")
     a, unknown = p.parse_known_args(argv)
     from lightning_rlhf.cli import RLHFCLI
 
     make_tiny_model([])
+    lines = []
     for recipe in QUICKSTART_STAGES:
         print(f"[lightning_rlhf] quickstart: fit --config {recipe}")
-        RLHFCLI(args=["fit", "--config", recipe, *a.extra, *unknown])
+        cli = RLHFCLI(args=["fit", "--config", recipe, *a.extra, *unknown])
+        lines.append(_recap(recipe, Path(cli.trainer.default_root_dir) / "summary.json"))
+    print("[lightning_rlhf] quickstart done. Held-out greedy accuracy (val/accuracy) before -> after each stage:")
+    print("\n".join(lines))
+
+
+def _recap(recipe: str, summary_path: Path) -> str:
+    """'  <stage> (<recipe>): val/accuracy a -> b' from a run's summary.json."""
+    import json
+
+    s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    before, after = s.get("val_before", {}), s.get("val_after", {})
+    acc = "val/accuracy"
+    if acc not in before or acc not in after:
+        return f"  {recipe}: no validation recorded (see {summary_path.parent})"
+    return f"  {s.get('stage', '?'):<6} {recipe:<30} {before[acc]:.3f} -> {after[acc]:.3f}  ({summary_path.parent})"

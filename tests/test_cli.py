@@ -80,9 +80,9 @@ def test_several_configs_compose_last_wins(tmp_path, capsys):
     a = write_yaml(tmp_path / "a.yaml", {"trainer": {"max_steps": 7, "log_every_n_steps": 5}})
     b = write_yaml(tmp_path / "b.yaml", {"trainer": {"max_steps": 11}})
     cfg = print_config(["--config", str(SFT_RECIPE), "--config", str(a), "--config", str(b)], capsys)
-    assert cfg["trainer"]["max_steps"] == 11           # b, the last, wins over a (7) and the recipe (600)
+    assert cfg["trainer"]["max_steps"] == 11           # b, the last, wins over a (7) and the recipe (1200)
     assert cfg["trainer"]["log_every_n_steps"] == 5     # a's key that b does not set survives
-    assert cfg["trainer"]["val_check_interval"] == 200  # the recipe's key that neither sets survives
+    assert cfg["trainer"]["val_check_interval"] == 400  # the recipe's key that neither sets survives
     cfg = print_config(["--config", str(SFT_RECIPE), "--config", str(b), "--config", str(a)], capsys)
     assert cfg["trainer"]["max_steps"] == 7             # order decides, not the file
     cfg = print_config(["--config", str(SFT_RECIPE), "--config", str(a), "--trainer.max_steps", "13"], capsys)
@@ -299,3 +299,28 @@ def test_make_tiny_model_builds_then_keeps(tmp_path, capsys):
     assert "exists" in capsys.readouterr().out
     assert (weights.stat().st_mtime_ns, weights.read_bytes()) == before
     assert json.loads((out / "config.json").read_text())["hidden_size"] == 32
+
+
+# 6. quickstart ----------------------------------------------------------------------------------------
+
+def test_quickstart_runs_sft_then_grpo_from_its_output():
+    from lightning_rlhf.commands import QUICKSTART_STAGES
+
+    sft, grpo = (yaml.safe_load((REPO / r).read_text()) for r in QUICKSTART_STAGES)
+    assert sft["model"]["class_path"].endswith(".SFT") and grpo["model"]["class_path"].endswith(".GRPO")
+    assert grpo["model"]["init_args"]["policy"] == sft["model"]["init_args"]["output_dir"]
+    assert grpo["model"]["init_args"]["produced_by"] == QUICKSTART_STAGES[0]
+    # both stages validate on the same held-out questions, so the two recap lines chain
+    val = {k: v for k, v in sft["data"]["init_args"]["val"].items() if k != "task"}
+    assert {k: v for k, v in grpo["data"]["init_args"]["val"].items() if k != "task"} == val
+
+
+def test_quickstart_recap_line(tmp_path):
+    from lightning_rlhf.commands import _recap
+
+    (tmp_path / "summary.json").write_text(json.dumps({
+        "stage": "GRPO", "val_before": {"val/accuracy": 0.215}, "val_after": {"val/accuracy": 0.775}}))
+    line = _recap("recipes/quickstart_grpo.yaml", tmp_path / "summary.json")
+    assert "GRPO" in line and "0.215 -> 0.775" in line and str(tmp_path) in line
+    missing = _recap("recipes/quickstart.yaml", tmp_path / "nope" / "summary.json")
+    assert "no validation recorded" in missing

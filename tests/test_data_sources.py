@@ -23,7 +23,7 @@ def test_task_source_equals_generator_and_passes_kwargs():
     ds = load_rows({"task": "arithmetic", "n": 20, "seed": 1, "max_operand": 5}, PA)
     assert ds.to_list() == arithmetic_problems(20, seed=1, max_operand=5)
     ds = load_rows({"task": "arithmetic_sft", "n": 7, "limit": 3}, ["prompt", "completion"])
-    assert len(ds) == 3 and set(ds.column_names) == {"prompt", "completion", "answer", "question"}
+    assert len(ds) == 3 and set(ds.column_names) == {"prompt", "completion", "answer", "question", "style"}
 
 
 def test_task_source_errors():

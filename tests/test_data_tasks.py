@@ -112,9 +112,40 @@ def test_sft_completion_reasoning_is_right():
         assert steps[-1][1] == int(r["answer"]) == int(m.group(2))
 
 
+def test_sft_styles_shares_and_what_each_style_writes():
+    n = 2000
+    clean = sft_examples(n, seed=3)
+    mixed = sft_examples(n, seed=3, answer_only_share=0.2, stops_early_share=0.5)
+    assert [r["prompt"] for r in mixed] == [r["prompt"] for r in clean]  # same problems, only styles differ
+    assert {r["style"] for r in clean} == {"worked"}
+    multi = [r for r in mixed if len(re.findall(r"[+\-*]", r["question"])) > 1]
+    share = {s: sum(r["style"] == s for r in mixed) / n for s in ("answer_only", "stops_early")}
+    # answer_only is drawn for every row; stops_early only applies to multi-step rows (a 1-step row stays worked)
+    assert abs(share["answer_only"] - 0.2) < 0.03
+    assert abs(sum(r["style"] == "stops_early" for r in multi) / len(multi) - 0.5) < 0.05
+    for r, c in zip(mixed, clean):
+        if r["style"] == "answer_only":
+            assert r["completion"] == f"<answer>{r['answer']}</answer>"
+        elif r["style"] == "stops_early":  # 12+7-3 -> "<think>12+7=19</think><answer>19</answer>"
+            (expr, value), = _steps(R1.match(r["completion"]).group(1))
+            assert c["completion"].startswith(f"<think>{expr}={value}, ")
+            # operands >= 1 with + and -, so the first step's result is never the final answer
+            assert r["completion"].endswith(f"<answer>{value}</answer>") and str(value) != r["answer"]
+        else:
+            assert r["completion"] == c["completion"]
+    with pytest.raises(ValueError, match="stops_early_share"):
+        sft_examples(2, stops_early_share=1.5)
+    with pytest.raises(ValueError, match="answer_only_share \\+ stops_early_share"):
+        sft_examples(2, answer_only_share=0.6, stops_early_share=0.6)
+
+
 def test_preference_pairs_each_flaw_as_described():
     rows = preference_pairs(40, seed=0)
-    assert [r["flaw"] for r in rows[:8]] == list(FLAWS) * 2  # cycled
+    for i, r in enumerate(rows):  # flaws cycle; a one-step problem cannot stop early and gets wrong_answer
+        one_step = len(re.findall(r"[+\-*]", r["question"])) == 1
+        assert r["flaw"] == FLAWS[i % len(FLAWS)] or (FLAWS[i % len(FLAWS)], r["flaw"], one_step) == (
+            "stops_early", "wrong_answer", True)
+    assert {r["flaw"] for r in rows} == set(FLAWS)
     for r in rows:
         assert r["rejected"] != r["chosen"]
         chosen = R1.match(r["chosen"])
@@ -128,6 +159,10 @@ def test_preference_pairs_each_flaw_as_described():
             steps = _steps(rej.group(1))
             assert sum(eval(e) != v for e, v in steps) == 1  # exactly one wrong step
             assert int(rej.group(2)) == steps[-1][1] != int(r["answer"])  # carried to the answer
+        elif r["flaw"] == "stops_early":  # first step only, its (right) result given as the (wrong) answer
+            (expr, value), = _steps(rej.group(1))
+            assert chosen.group(1).startswith(f"{expr}={value}, ") and eval(expr) == value
+            assert rej.group(2) == str(value) != r["answer"]
         elif r["flaw"] == "no_reasoning":
             assert r["rejected"] == f"<answer>{r['answer']}</answer>"
         else:

@@ -28,7 +28,7 @@ from lightning_rlhf.registry import Registry
 TASKS = Registry("task")
 
 SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
-FLAWS = ("wrong_answer", "broken_format", "no_reasoning", "wrong_step")
+FLAWS = ("wrong_answer", "broken_format", "no_reasoning", "wrong_step", "stops_early")
 _OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
 
 
@@ -188,16 +188,37 @@ def format_completion(reasoning: str, answer: str) -> str:
 @TASKS.register("arithmetic_sft")
 def sft_examples(n: int, *, seed: int = 0, split: str = "train", min_terms: int = 2, max_terms: int = 3,
                  min_operand: int = 1, max_operand: int = 20, ops: str = "+-", nonnegative: bool = True,
-                 prompt_template: str = "{question}=?", holdout: float = 0.1) -> list[dict]:
-    """SFT rows: arithmetic_problems' rows plus "completion".
+                 prompt_template: str = "{question}=?", holdout: float = 0.1,
+                 answer_only_share: float = 0.0, stops_early_share: float = 0.0) -> list[dict]:
+    """SFT rows: arithmetic_problems' rows plus "completion" (and "style": "worked" or "answer_only").
 
     E.g. `<think>12+7=19, 19-3=16</think><answer>16</answer>`: the R1 cold-start format, every step right.
+    `answer_only_share` of the rows (a seeded draw per row) are just `<answer>16</answer>`: the habit of a
+    base model that answers without working. The answer is still right, so SFT teaches both styles, and an
+    RL stage has a behaviour to choose between. The problems are the same for every share.
+    `stops_early_share` of the rows with two or more steps stop after the first step and answer its result
+    (`<think>12+7=19</think><answer>19</answer>`, wrong): the "underthinking" of a weak model's traces,
+    kept unfiltered. Greedy decoding follows whichever habit is the majority; RL with an accuracy reward
+    learns to finish the work (longer responses, as in R1-Zero). Shares are drawn in that order.
     """
+    for name, share in (("answer_only_share", answer_only_share), ("stops_early_share", stops_early_share)):
+        if not 0.0 <= share <= 1.0:
+            raise ValueError(f"arithmetic_sft: {name} must be in [0, 1], got {share!r}")
+    if answer_only_share + stops_early_share > 1.0:
+        raise ValueError(f"arithmetic_sft: answer_only_share + stops_early_share must be <= 1, got "
+                         f"{answer_only_share} + {stops_early_share}")
     rows = _problems(n, seed, split, min_terms, max_terms, min_operand, max_operand, ops, nonnegative, holdout)
+    style_rng = random.Random(f"sft-style-{seed}")
     out = []
     for r in rows:
-        reasoning, _ = _render(r["_steps"])
-        out.append({**_public(r, prompt_template), "completion": format_completion(reasoning, r["answer"])})
+        u = style_rng.random()
+        if u < answer_only_share:
+            style, completion = "answer_only", f"<answer>{r['answer']}</answer>"
+        elif u < answer_only_share + stops_early_share and len(r["_steps"]) > 1:
+            style, completion = "stops_early", _stops_early(r["_steps"])
+        else:
+            style, completion = "worked", format_completion(_render(r["_steps"])[0], r["answer"])
+        out.append({**_public(r, prompt_template), "completion": completion, "style": style})
     return out
 
 
@@ -231,6 +252,12 @@ def _wrong_step(steps: list[tuple], answer: int, rng: random.Random, nonnegative
     return None
 
 
+def _stops_early(steps: list[tuple]) -> str:
+    """Only the first step is worked, and its result is given as the answer (wrong when there are more)."""
+    reasoning, value = _render(steps[:1])
+    return format_completion(reasoning, str(value))
+
+
 def _broken_format(steps: list[tuple], answer: int, rng: random.Random) -> str:
     """Correct content with the R1 tags missing or misordered (one of four variants)."""
     reasoning, _ = _render(steps)
@@ -244,6 +271,10 @@ def _broken_format(steps: list[tuple], answer: int, rng: random.Random) -> str:
 
 
 def _rejected(flaw: str, steps: list[tuple], answer: int, rng: random.Random, nonnegative: bool) -> tuple[str, str]:
+    if flaw == "stops_early":
+        if len(steps) > 1:
+            return flaw, _stops_early(steps)
+        flaw = "wrong_answer"  # a one-step problem cannot stop early
     if flaw == "wrong_step":
         text = _wrong_step(steps, answer, rng, nonnegative)
         if text is not None:
@@ -265,6 +296,7 @@ def preference_pairs(n: int, *, seed: int = 0, split: str = "train", min_terms: 
 
     wrong_answer: correct reasoning, <answer> off by 1-3.  broken_format: right content, tags missing or
     misordered.  no_reasoning: just `<answer>16</answer>`.  wrong_step: one step off by 1-3, carried through.
+    stops_early: only the first step worked and its result given as the answer.
     """
     flaws = tuple(flaws)
     bad = [f for f in flaws if f not in FLAWS]
