@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -75,8 +76,6 @@ def quickstart(argv: list[str]) -> None:
 
 def _recap(recipe: str, summary_path: Path) -> str:
     """'  <stage> (<recipe>): val/accuracy a -> b' from a run's summary.json."""
-    import json
-
     s = json.loads(summary_path.read_text()) if summary_path.exists() else {}
     before, after = s.get("val_before", {}), s.get("val_after", {})
     acc = "val/accuracy"
