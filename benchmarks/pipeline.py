@@ -1,6 +1,7 @@
 """Run the CPU pipeline (tiny model -> SFT -> reward model -> GRPO -> PPO) and print what each stage reached.
 
     python benchmarks/pipeline.py [--stages sft rm grpo] [--extra "--trainer.max_steps 10"]
+    python benchmarks/pipeline.py --stages grpo rloo reinforce_pp       # advantage estimators side by side
 
 Each stage is the exact `python -m lightning_rlhf ...` command a user runs; this script only times it and
 reads the stage's `summary.json` (validation metrics at step 0 and at the end) and, for RL stages, its
@@ -25,6 +26,11 @@ STAGES = {
     "rm": (["fit", "--config", "recipes/reward_model/tiny_arithmetic.yaml"], ["runs/rm_tiny_arithmetic"]),
     "grpo": (["fit", "--config", "recipes/r1_zero/tiny_arithmetic.yaml"], ["runs/r1_zero_tiny_arithmetic"]),
     "ppo": (["fit", "--config", "recipes/instructgpt/tiny_arithmetic.yaml"], ["runs/instructgpt_tiny_arithmetic"]),
+    "dr_grpo": (["fit", "--config", "recipes/dr_grpo/tiny_arithmetic.yaml"], ["runs/dr_grpo_tiny_arithmetic"]),
+    "dapo": (["fit", "--config", "recipes/dapo/tiny_arithmetic.yaml"], ["runs/dapo_tiny_arithmetic"]),
+    "rloo": (["fit", "--config", "recipes/rloo/tiny_arithmetic.yaml"], ["runs/rloo_tiny_arithmetic"]),
+    "reinforce_pp": (["fit", "--config", "recipes/reinforce_pp/tiny_arithmetic.yaml"],
+                     ["runs/reinforce_pp_tiny_arithmetic"]),
     "quickstart": (["quickstart"], ["runs/quickstart", "runs/quickstart_grpo"]),
 }
 

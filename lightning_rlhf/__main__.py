@@ -1,4 +1,7 @@
-"""Entry point: `python -m lightning_rlhf <subcommand> ...` (see `lightning_rlhf.cli`)."""
+"""Entry point: `python -m lightning_rlhf <subcommand> ...` runs `lightning_rlhf.cli.main`.
+
+Simplification: nothing but the call; the `lightning-rlhf` console script runs the same `main`.
+"""
 
 from lightning_rlhf.cli import main
 

@@ -1,7 +1,11 @@
-"""Extra subcommands beside LightningCLI's fit/validate/test/predict.
+"""Extra subcommands beside LightningCLI's fit/validate/test/predict, registered in `COMMANDS`.
 
     make-tiny-model  build a tiny random Llama + locally trained BPE tokenizer as an HF dir
     quickstart       the README's demo: tiny model -> SFT warm-up -> GRPO on CPU, with a summary
+
+Each takes its own argv (argparse). `quickstart` runs its stages through `RLHFCLI` in this process.
+Simplifications: make-tiny-model keeps an existing directory unless `--force`; quickstart's stages are
+fixed (`QUICKSTART_STAGES`) and its recap reads each stage's `summary.json`.
 """
 
 from __future__ import annotations
@@ -11,9 +15,8 @@ import json
 import time
 from pathlib import Path
 
-from lightning_rlhf.registry import Registry
-
-COMMANDS = Registry("subcommand")
+from lightning_rlhf.command_registry import COMMANDS
+from lightning_rlhf.lightning_cli import RLHFCLI
 
 QUICKSTART_STAGES = ["recipes/quickstart.yaml", "recipes/quickstart_grpo.yaml"]
 
@@ -62,8 +65,6 @@ def quickstart(argv: list[str]) -> None:
     p = argparse.ArgumentParser(prog="python -m lightning_rlhf quickstart", description=quickstart.__doc__)
     p.add_argument("extra", nargs="*", help="extra CLI overrides passed to every stage, e.g. --trainer.max_steps=5")
     a, unknown = p.parse_known_args(argv)
-    from lightning_rlhf.cli import RLHFCLI
-
     make_tiny_model([])
     lines = []
     for recipe in QUICKSTART_STAGES:

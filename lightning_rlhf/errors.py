@@ -2,6 +2,9 @@
 
 They subclass the builtin type a caller would expect (ValueError, FileNotFoundError) and `UserError`,
 which the command line prints as one clear message (exit status 2) instead of a traceback.
+
+Simplification: three kinds cover every user error (config, data, missing file); anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -2,6 +2,9 @@
 
 So `--config configs/logger/wandb.yaml` works on a laptop with no account: the run is written under
 `<save_dir>/wandb/` and can be uploaded later with `wandb sync`.
+
+Simplification: "configured" means WANDB_API_KEY is set or ~/.netrc names a wandb host; the key itself
+is not checked.
 """
 
 from __future__ import annotations

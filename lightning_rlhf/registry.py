@@ -1,7 +1,11 @@
 """A tiny name -> object registry used for every variant chosen by name in YAML.
 
 A typo gets an error that lists the valid names (verl's `register_adv_est` idea), instead of
-if/elif chains spread through the trainers.
+if/elif chains spread through the trainers. Each registry instance lives in a leaf module of its package
+(e.g. `rewards/registry.py`), so implementations can register into it without import cycles.
+
+Simplifications: names are plain strings, registered once per process (a second registration of a name
+is an error); there is no unregistering and no plugin discovery (a module registers when imported).
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ def tiny_sft_config(model_dir: Path, root: Path, *, max_steps: int = 3, val: boo
         },
         "model": {
             "class_path": "lightning_rlhf.algorithms.SFT",
-            "init_args": {"policy": str(model_dir), "output_dir": str(root / "export"), "lr": 1e-3,
+            "init_args": {"policy": str(model_dir), "output_dir": str(root / "export"),
+                          "optimizer": {"class_path": "torch.optim.AdamW",
+                                        "init_args": {"lr": 1e-3, "weight_decay": 0.0}},
                           "lr_schedule": "constant", "max_length": 48, "max_prompt_length": 24,
                           "val_max_new_tokens": 8},
         },
@@ -324,3 +326,24 @@ def test_quickstart_recap_line(tmp_path):
     assert "GRPO" in line and "0.215 -> 0.775" in line and str(tmp_path) in line
     missing = _recap("recipes/quickstart.yaml", tmp_path / "nope" / "summary.json")
     assert "no validation recorded" in missing
+
+
+@pytest.mark.parametrize("flag, value, named", [
+    ("--model.init_args.loss.bta", "0.1", "loss.bta"),          # misspelt key inside an option group
+    ("--model.init_args.rollout.num_generations", "many", "num_generations"),  # wrong type
+    ("--model.init_args.optim.epochs", "1.5", "epochs"),
+])
+def test_option_group_typos_and_types_are_named(flag, value, named, tmp_path):
+    r = _run_entry_point(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"), flag, value,
+                          "--model.init_args.policy", str(tmp_path / "no-such-model")], cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert named in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_unknown_registry_name_in_an_option_group_lists_the_valid_names(tmp_path):
+    r = _run_entry_point(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"),
+                          "--model.init_args.advantage.estimator", "rlooo"], cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines()[-1] == ("error: unknown advantage estimator 'rlooo'. Valid names: dr_grpo, "
+                                                 "gae, grpo, reinforce++_baseline, rloo")

@@ -10,8 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms import GRPO
-from lightning_rlhf.algorithms import grpo as grpo_mod
-from lightning_rlhf.algorithms.common import encode_prompts
+from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.data import collate_rows
 from lightning_rlhf.rewards.compose import RewardOutput
 from lightning_rlhf.rollout import sequence_logprobs
@@ -56,15 +55,16 @@ def test_one_update_equals_hand_formulas(tiny_model_dir, tmp_path, monkeypatch):
             p.add_(0.05 * torch.randn_like(p))
     save_hf(ref_model, load_tokenizer(tiny_model_dir), tmp_path / "ref")
     module = _GradCapturingGRPO(policy=str(tiny_model_dir), ref_model=str(tmp_path / "ref"), rewards={"format": 1.0},
-                  num_generations=g, beta=beta,
-                  clip_low=clip, lr=lr, max_grad_norm=None, max_new_tokens=6, val_on_start=False)
+                                rollout={"num_generations": g, "max_new_tokens": 6},
+                                loss={"beta": beta, "clip_low": clip}, optim={"max_grad_norm": None},
+                                optimizer=lambda p: torch.optim.AdamW(p, lr=lr), val_on_start=False)
     ro = _fixed_rollout(module, g)
     # Make the "old" policy differ from the current one so some ratios leave [0.8, 1.2] and get clipped.
     torch.manual_seed(1)
     ro.logprobs = torch.where(ro.response_mask > 0, ro.logprobs + 0.4 * torch.randn_like(ro.logprobs), 0.0)
     rewards = torch.tensor([1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     out = RewardOutput(total=rewards, per_reward={"format": rewards}, errors=0)
-    monkeypatch.setattr(grpo_mod, "rollout_and_score", lambda m, b, num_generations: (ro, out))
+    monkeypatch.setattr(module, "rollout_and_score", lambda batch: (ro, out))
 
     policy0 = copy.deepcopy(module.policy)
     _trainer(tmp_path).fit(module, train_dataloaders=_loader())
@@ -91,8 +91,9 @@ def test_one_update_equals_hand_formulas(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_global_step_counts_rollouts_and_optimizer_steps_per_minibatch(tiny_model_dir, tmp_path):
     # 2 prompts x G=4 = 8 responses; mini-batches of 4 -> 2 per pass; 2 passes -> 4 optimizer steps per rollout.
-    module = GRPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, num_generations=4, beta=0.0,
-                  num_iterations=2, mini_batch_size=4, micro_batch_size=2, max_new_tokens=4, val_on_start=False)
+    module = GRPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, rollout={"num_generations": 4, "max_new_tokens": 4},
+                  loss={"beta": 0.0}, optim={"epochs": 2, "mini_batch_size": 4, "micro_batch_size": 2},
+                  val_on_start=False)
     assert module.ref is None  # beta = 0: no reference model is loaded
     trainer = _trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=DataLoader(PROMPTS * 3, batch_size=2, collate_fn=collate_rows))
@@ -103,8 +104,8 @@ def test_global_step_counts_rollouts_and_optimizer_steps_per_minibatch(tiny_mode
 
 
 def test_batch_size_mismatch_is_named(tiny_model_dir, tmp_path):
-    module = GRPO(policy=str(tiny_model_dir), num_generations=4, beta=0.0, mini_batch_size=3, max_new_tokens=2,
-                  val_on_start=False)
+    module = GRPO(policy=str(tiny_model_dir), rollout={"num_generations": 4, "max_new_tokens": 2}, loss={"beta": 0.0},
+                  optim={"mini_batch_size": 3}, val_on_start=False)
     with pytest.raises(ValueError, match="mini_batch_size=3 does not divide the 8 responses"):
         _trainer(tmp_path).fit(module, train_dataloaders=_loader())
 
@@ -119,8 +120,9 @@ def test_grpo_raises_a_reward_on_the_tiny_model(tiny_model_dir, tmp_path, monkey
 
     monkeypatch.setitem(REWARDS._items, "digit_share", _digit_share)
     torch.manual_seed(0)
-    module = GRPO(policy=str(tiny_model_dir), rewards={"digit_share": 1.0}, num_generations=8, beta=0.0,
-                  max_new_tokens=8, lr=3e-3, val_on_start=False)
+    module = GRPO(policy=str(tiny_model_dir), rewards={"digit_share": 1.0}, rollout={"num_generations": 8,
+                  "max_new_tokens": 8}, loss={"beta": 0.0}, optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+                  val_on_start=False)
     rewards = []
     module.log_dict = lambda metrics, **kw: rewards.append(metrics["train/reward"])
     prompts = [{"prompt": f"{i}+{i}=?", "answer": str(2 * i)} for i in range(8)]
@@ -130,3 +132,43 @@ def test_grpo_raises_a_reward_on_the_tiny_model(tiny_model_dir, tmp_path, monkey
     # a random model writes few digits (about 0.01 of its characters at the start); 25 GRPO steps lift that
     # share many times over (0.013 -> 0.196 when written), which no sampling noise does
     assert last > first + 0.1 and last > 3 * first, (first, last)
+
+
+@pytest.mark.parametrize("estimator", ["grpo", "dr_grpo", "rloo", "reinforce++_baseline"])
+def test_the_yaml_key_picks_the_advantage_estimator(tiny_model_dir, estimator):
+    from lightning_rlhf.functional import (
+        group_advantages, masked_whiten, outcome_rewards, reinforce_pp_baseline_advantages, rloo_advantages,
+    )
+
+    module = GRPO(policy=str(tiny_model_dir), loss={"beta": 0.0}, advantage={"estimator": estimator},
+                  val_on_start=False)
+    scores = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    mask = torch.tensor([[1.0, 1.0, 0.0]] * 3 + [[1.0, 0.0, 0.0]] * 3)
+    adv, _ = module.advantages(outcome_rewards(scores, mask), mask, group_size=3)
+    per_row = {
+        "grpo": lambda: group_advantages(scores, 3),
+        "dr_grpo": lambda: group_advantages(scores, 3, scale_by_std=False),
+        # by hand: group 1 [1, 0, 0] -> leave-one-out baselines [0, 0.5, 0.5] -> A = [1, -0.5, -0.5]
+        "rloo": lambda: rloo_advantages(scores, 3),
+    }
+    if estimator in per_row:
+        expected = torch.where(mask > 0, per_row[estimator]()[:, None], 0.0)
+    else:
+        expected = reinforce_pp_baseline_advantages(scores, mask, 3, eps=1e-6)
+        assert torch.allclose(expected, masked_whiten(expected, mask), atol=1e-5)  # whitened: mean 0, std 1
+    torch.testing.assert_close(adv, expected, rtol=0, atol=0)
+    if estimator == "rloo":
+        assert adv[:3, 0].tolist() == [1.0, -0.5, -0.5]
+
+
+def test_misspelt_registry_names_fail_at_construction(tiny_model_dir):
+    from lightning_rlhf.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown policy loss 'grp'. Valid names: grpo, ppo_clip"):
+        GRPO(policy=str(tiny_model_dir), loss={"name": "grp"})
+    with pytest.raises(ConfigError, match=r"unknown loss aggregation 'mean'"):
+        GRPO(policy=str(tiny_model_dir), loss={"agg": "mean"})
+    with pytest.raises(ConfigError, match="optim.epochs=0"):
+        GRPO(policy=str(tiny_model_dir), optim={"epochs": 0})
+    with pytest.raises(ConfigError, match=r"LossOptions: unknown keys \['bta'\]"):
+        GRPO(policy=str(tiny_model_dir), loss={"bta": 0.1})

@@ -14,7 +14,11 @@ from lightning_rlhf.models import (
     CHATML_TEMPLATE,
     TAG_TOKENS,
     build_tiny_model,
+    chat_prompts,
     default_corpus,
+    encode_completions,
+    encode_prompts,
+    format_conversation,
     gguf_to_hf,
     last_token_index,
     load_causal_lm,
@@ -288,3 +292,20 @@ def test_gguf_to_hf_smollm2(tmp_path):
     with torch.no_grad():
         out_ids = model.generate(**enc, max_new_tokens=8, do_sample=False)
     assert "Paris" in tok.decode(out_ids[0, enc["input_ids"].shape[1]:])
+
+
+# ----------------------------------------------------------------------------------- chat formatting
+def test_chat_formatting(tiny_tokenizer):
+    prompts = ["1+1=?", "12+30-4=?"]
+    texts = chat_prompts(tiny_tokenizer, prompts)
+    assert texts[0] == "<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n"
+    ids, mask = encode_prompts(tiny_tokenizer, prompts, max_length=64)
+    assert mask[:, -1].all() and not mask[0, 0]  # left-padded
+    assert tiny_tokenizer.padding_side == "left" and tiny_tokenizer.truncation_side == "right"  # restored
+    enc = encode_completions(tiny_tokenizer, prompts, ["<answer>2</answer>", "x"], max_length=64)
+    completion = enc["input_ids"][0][enc["response_mask"][0].bool()].tolist()
+    assert tiny_tokenizer.decode(completion) == "<answer>2</answer><|im_end|>"
+    assert format_conversation(tiny_tokenizer, "1+1=?", "2") == (
+        "<|im_start|>user\n1+1=?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n")
+    plain = PreTrainedTokenizerFast(tokenizer_object=tiny_tokenizer.backend_tokenizer)
+    assert chat_prompts(plain, prompts) == prompts and format_conversation(plain, "a", "b") == "ab"

@@ -12,11 +12,9 @@ from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms import PPO
 from lightning_rlhf.algorithms import ppo as ppo_mod
-from lightning_rlhf.algorithms.common import encode_prompts
-from lightning_rlhf.algorithms.ppo import whiten_across_ranks
+from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.data import collate_rows
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.functional import masked_whiten
 from lightning_rlhf.rewards.compose import RewardOutput
 from lightning_rlhf.rollout import sequence_logprobs
 
@@ -77,16 +75,21 @@ def test_one_update_equals_hand_formulas(tiny_model_dir, tmp_path, monkeypatch):
     g, kl_coef, ent_coef, clip, gamma, lam = 4, 0.5, 0.1, 0.2, 0.9, 0.8
     ref_model, ref_dir = _perturbed_copy(tiny_model_dir, tmp_path)
     module = _GradCapturingPPO(policy=str(tiny_model_dir), ref_model=ref_dir, rewards={"format": 1.0},
-                               num_generations=g, kl_coef=kl_coef, kl_kind="k1", ent_coef=ent_coef, cliprange=clip,
-                               cliprange_value=0.2, gamma=gamma, lam=lam, ppo_epochs=1, lr=1e-2, critic_lr=1e-2,
-                               max_grad_norm=None, critic_max_grad_norm=None, max_new_tokens=6, val_on_start=False)
+                               rollout={"num_generations": g, "max_new_tokens": 6},
+                               loss={"name": "ppo_clip", "beta": kl_coef, "kl_kind": "k1", "ent_coef": ent_coef,
+                                     "clip_low": clip},
+                               advantage={"estimator": "gae", "gamma": gamma, "lam": lam, "whiten": True},
+                               optim={"epochs": 1, "max_grad_norm": None},
+                               critic={"value_clip": 0.2, "max_grad_norm": None},
+                               optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0),
+                               critic_optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.0), val_on_start=False)
     module.captured = {}
     ro = _fixed_rollout(module, g)
     torch.manual_seed(1)  # an "old" policy that differs from the current one, so some ratios get clipped
     ro.logprobs = torch.where(ro.response_mask > 0, ro.logprobs + 0.4 * torch.randn_like(ro.logprobs), 0.0)
     scores = torch.tensor([1.0, 0.0, 0.5, 0.0, 1.0, 1.0, 0.0, -1.0])
     out = RewardOutput(total=scores, per_reward={"format": scores}, errors=0)
-    monkeypatch.setattr(ppo_mod, "rollout_and_score", lambda m, b, num_generations: (ro, out))
+    monkeypatch.setattr(module, "rollout_and_score", lambda batch: (ro, out))
     policy0, critic0 = copy.deepcopy(module.policy), copy.deepcopy(module.critic)
     _trainer(tmp_path).fit(module, train_dataloaders=_loader())
 
@@ -136,8 +139,8 @@ def test_one_update_equals_hand_formulas(tiny_model_dir, tmp_path, monkeypatch):
 
 def test_each_loss_reaches_only_its_own_model(tiny_model_dir):
     torch.manual_seed(0)
-    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, num_generations=2, kl_coef=0.1,
-                 ent_coef=0.01, max_new_tokens=6, val_on_start=False)
+    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, rollout={"num_generations": 2, "max_new_tokens": 6},
+                 loss={"name": "ppo_clip", "beta": 0.1, "kl_kind": "k1", "ent_coef": 0.01}, val_on_start=False)
     ro = _fixed_rollout(module, 2)
     targets = module.compute_targets(ro, torch.tensor([1.0, 0.0, -1.0, 0.5]))
     mask = ro.response_mask
@@ -146,12 +149,12 @@ def test_each_loss_reaches_only_its_own_model(tiny_model_dir):
     assert abs(float(real.mean())) < 1e-5 and abs(float(real.std(unbiased=True)) - 1) < 1e-4
     assert (targets["advantages"][mask == 0] == 0).all()
 
-    loss_pi, _ = module.policy_loss_terms(ro, targets["advantages"])
+    loss_pi, _ = module.policy_loss(ro, targets["advantages"], None)
     loss_pi.backward()
     assert all(p.grad is None for p in module.critic.parameters())
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in module.policy.parameters())
     module.policy.zero_grad(set_to_none=True)
-    loss_v, _ = module.critic_loss_terms(ro, targets["old_values"], targets["returns"])
+    loss_v, _ = module.critic_loss(ro, targets["old_values"], targets["returns"])
     loss_v.backward()
     assert all(p.grad is None for p in module.policy.parameters())
     assert any(p.grad is not None and p.grad.abs().max() > 0 for p in module.critic.parameters())
@@ -169,10 +172,10 @@ def test_optimizers_step_per_minibatch_global_step_counts_rollouts_kl_coef_adapt
         return calls[-1][2]
 
     monkeypatch.setattr(ppo_mod, "adaptive_kl_coef", recording)
-    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, num_generations=4, kl_coef=0.1,
-                 adaptive_kl=True, kl_target=1.0, kl_horizon=80, ppo_epochs=2, mini_batch_size=4,
-                 micro_batch_size=2, max_new_tokens=4, val_on_start=False, output_dir=str(tmp_path / "policy"),
-                 critic_output_dir=str(tmp_path / "critic"))
+    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, rollout={"num_generations": 4, "max_new_tokens": 4},
+                 loss={"name": "ppo_clip", "beta": 0.1, "kl_kind": "k1"}, adaptive_kl=True, kl_target=1.0,
+                 kl_horizon=80, optim={"epochs": 2, "mini_batch_size": 4, "micro_batch_size": 2}, val_on_start=False,
+                 output_dir=str(tmp_path / "policy"), critic={"output_dir": str(tmp_path / "critic")})
     trainer = _trainer(tmp_path, max_steps=3)
     trainer.fit(module, train_dataloaders=_loader(repeat=3))
     assert trainer.global_step == 3
@@ -197,49 +200,23 @@ def test_target_kl_stops_epochs_early_but_global_step_still_counts_rollouts(tiny
     # (the policy moved in its first step, so the epoch's approx_kl > 1e-9): 2 steps of each optimizer, and
     # the last one of them still advances global_step.
     torch.manual_seed(0)
-    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, num_generations=4, kl_coef=0.0,
-                 ppo_epochs=3, mini_batch_size=4, target_kl=1e-9, lr=1e-3, max_new_tokens=4, val_on_start=False)
+    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, rollout={"num_generations": 4, "max_new_tokens": 4},
+                 loss={"name": "ppo_clip", "beta": 0.0}, optim={"epochs": 3, "mini_batch_size": 4}, target_kl=1e-9,
+                 optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3, weight_decay=0.0), val_on_start=False)
     assert module.ref is None  # kl_coef = 0: no reference model is loaded
     trainer = _trainer(tmp_path, max_steps=1)
     trainer.fit(module, train_dataloaders=_loader())
     assert trainer.global_step == 1
     for opt in trainer.optimizers:
         assert {int(s["step"]) for s in opt.state.values()} == {2}
-    assert float(trainer.callback_metrics["train/ppo_epochs_run"]) == 1.0
-
-
-class _TwoRanks:
-    """A strategy stand-in for 2 ranks holding identical data: a sum all-reduce doubles every statistic."""
-
-    world_size = 2
-
-    def __init__(self):
-        self.ops = []
-
-    def reduce(self, tensor, reduce_op="mean"):
-        self.ops.append(reduce_op)
-        return tensor * 2
-
-
-def test_whiten_across_ranks():
-    x = torch.tensor([[1.0, 2.0, 9.0], [4.0, 6.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    # one process: exactly masked_whiten
-    torch.testing.assert_close(whiten_across_ranks(x, mask, None), masked_whiten(x, mask))
-    # two ranks with the same data = whitening over the 10 real tokens of both: the mean is the same, the
-    # unbiased variance uses n - 1 = 9 instead of 4 (so the result differs from the single-rank one)
-    strategy = _TwoRanks()
-    both = masked_whiten(torch.cat([x, x]), torch.cat([mask, mask]))[:2]
-    torch.testing.assert_close(whiten_across_ranks(x, mask, strategy), both)
-    assert strategy.ops and set(strategy.ops) == {"sum"}
-    assert not torch.allclose(both, masked_whiten(x, mask))
+    assert float(trainer.callback_metrics["train/epochs_run"]) == 1.0
 
 
 def test_critic_init_reward_model_needs_a_reward_model_reward(tiny_model_dir):
-    with pytest.raises(ConfigError, match="critic_init='reward_model'.*no reward_model entry"):
-        PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, critic_init="reward_model")
-    with pytest.raises(ConfigError, match="critic_init='value_head' is not one of"):
-        PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, critic_init="value_head")
+    with pytest.raises(ConfigError, match="critic.init='reward_model'.*no reward_model entry"):
+        PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, critic={"init": "reward_model"})
+    with pytest.raises(ConfigError, match="critic.init='value_head' is not one of"):
+        PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, critic={"init": "value_head"})
 
 
 def test_critic_starts_from_the_reward_model_by_default(tiny_model_dir, tmp_path):
@@ -250,9 +227,9 @@ def test_critic_starts_from_the_reward_model_by_default(tiny_model_dir, tmp_path
         rm.score.weight.copy_(torch.linspace(-1, 1, rm.score.weight.numel()).view_as(rm.score.weight))
     save_hf(rm, load_tokenizer(tiny_model_dir), tmp_path / "rm")
     rewards = [{"name": "reward_model", "weight": 1.0, "path": str(tmp_path / "rm")}, {"name": "accuracy"}]
-    module = PPO(policy=str(tiny_model_dir), rewards=rewards, kl_coef=0.0)
+    module = PPO(policy=str(tiny_model_dir), rewards=rewards, loss={"beta": 0.0})
     torch.testing.assert_close(module.critic.score.weight, rm.score.weight)
     assert float(module.critic.score.bias.detach().abs().max()) == 0.0  # the token head's bias starts at 0
     # critic_init: policy gives a fresh head instead
-    module = PPO(policy=str(tiny_model_dir), rewards=rewards, kl_coef=0.0, critic_init="policy")
+    module = PPO(policy=str(tiny_model_dir), rewards=rewards, loss={"beta": 0.0}, critic={"init": "policy"})
     assert not torch.allclose(module.critic.score.weight, rm.score.weight)

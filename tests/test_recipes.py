@@ -72,13 +72,20 @@ def test_print_config_parses_recipe(recipe, capsys):
     raw = _load(recipe)
     assert printed["model"]["class_path"] == raw["model"]["class_path"]
     assert printed["data"]["class_path"] == raw["data"]["class_path"]
-    # Values the recipe sets reach the resolved config unchanged.
-    for group, given, resolved in (("trainer", raw.get("trainer", {}), printed["trainer"]),
-                                   ("model", raw["model"].get("init_args", {}), printed["model"]["init_args"])):
-        for key, value in given.items():
-            if isinstance(value, str) and "${" in value:
-                continue  # an interpolation, printed resolved
-            assert _norm(resolved[key]) == _norm(value), f"{group}.{key}"
+    # Values the recipe sets reach the resolved config unchanged (option groups key by key; the resolved
+    # config also lists the defaults the recipe leaves out).
+    _assert_given_reached("trainer", raw.get("trainer", {}), printed["trainer"])
+    _assert_given_reached("model", raw["model"].get("init_args", {}), printed["model"]["init_args"])
+
+
+def _assert_given_reached(where: str, given: dict, resolved: dict) -> None:
+    for key, value in given.items():
+        if isinstance(value, str) and "${" in value:
+            continue  # an interpolation, printed resolved
+        if isinstance(value, dict) and isinstance(resolved.get(key), dict) and value:
+            _assert_given_reached(f"{where}.{key}", value, resolved[key])
+        else:
+            assert _norm(resolved[key]) == _norm(value), f"{where}.{key}"
 
 
 @pytest.mark.parametrize("recipe", _chained_recipes(), ids=lambda p: str(p.relative_to(REPO)))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from lightning_rlhf.rollout import ROLLOUT_ENGINES, HFGenerateEngine, Rollout, sequence_logprobs
+from lightning_rlhf.rollout import ROLLOUT_ENGINES, HFGenerateEngine, Rollout, SamplingParams, sequence_logprobs
 from lightning_rlhf.rollout.base import response_mask_from_eos
 
 PAD, EOS, BOS, VOCAB = 0, 1, 2, 64
@@ -293,6 +293,24 @@ def test_bad_arguments_name_the_fix():
         HFGenerateEngine().generate(model, ids, mask, eos_token_id=EOS, pad_token_id=None)
     with pytest.raises(ValueError, match="num_generations"):
         HFGenerateEngine().generate(model, ids, mask, num_generations=0, eos_token_id=EOS, pad_token_id=PAD)
+
+
+def test_sampling_params_object_and_keywords_agree():
+    model = tiny_model()
+    ids, mask = prompts()
+    params = SamplingParams(num_generations=2, max_new_tokens=5, greedy=True, eos_token_id=EOS, pad_token_id=PAD)
+    by_object = HFGenerateEngine().generate(model, ids, mask, params)
+    by_keywords = HFGenerateEngine().generate(model, ids, mask, num_generations=2, max_new_tokens=5, greedy=True,
+                                              eos_token_id=EOS, pad_token_id=PAD)
+    assert torch.equal(by_object.response_ids, by_keywords.response_ids)
+    assert torch.equal(by_object.logprobs, by_keywords.logprobs)
+    overridden = HFGenerateEngine().generate(model, ids, mask, params, num_generations=1)  # keywords win
+    assert len(overridden) == ids.shape[0] and overridden.group_size == 1
+    with pytest.raises(TypeError, match="top_pp"):
+        HFGenerateEngine().generate(model, ids, mask, top_pp=0.9, eos_token_id=EOS, pad_token_id=PAD)
+    with pytest.raises(TypeError, match="pad_token_id"):
+        HFGenerateEngine().generate(model, ids, mask, eos_token_id=EOS)  # required, as before
+    assert SamplingParams(eos_token_id=[EOS, 5], pad_token_id=PAD).eos_ids == [EOS, 5]
 
 
 def test_registry():

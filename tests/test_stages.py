@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from lightning_rlhf.algorithms import SFT, RewardModel
-from lightning_rlhf.algorithms.common import encode_completions
+from lightning_rlhf.models.chat import encode_completions
 from lightning_rlhf.data import PreferenceDataModule, SFTDataModule
 
 
@@ -31,7 +31,8 @@ def test_encode_completions_masks_prompt_and_padding(tiny_tokenizer):
 
 def test_sft_lowers_heldout_loss(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
-    module = SFT(policy=str(tiny_model_dir), lr=3e-3, warmup_steps=0, lr_schedule="constant", max_length=64,
+    module = SFT(policy=str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0), warmup_steps=0,
+                 lr_schedule="constant", max_length=64,
                  max_prompt_length=24, val_max_new_tokens=24, output_dir=str(tmp_path / "out"))
     data = SFTDataModule(train={"task": "arithmetic_sft", "n": 512}, val={"task": "arithmetic_sft", "n": 32,
                          "split": "val"}, batch_size=32, val_batch_size=32)
@@ -48,7 +49,8 @@ def test_sft_lowers_heldout_loss(tiny_model_dir, tmp_path):
 def test_reward_model_learns_to_rank_format_flaws(tiny_model_dir, tmp_path):
     torch.manual_seed(0)
     pairs = {"task": "arithmetic_pairs", "flaws": ["broken_format", "no_reasoning"]}
-    module = RewardModel(model=str(tiny_model_dir), lr=2e-3, lr_schedule="constant", max_length=64)
+    module = RewardModel(model=str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
+                         lr_schedule="constant", max_length=64)
     data = PreferenceDataModule(train={**pairs, "n": 512}, val={**pairs, "n": 64, "split": "val"},
                                 batch_size=32, val_batch_size=64)
     _trainer(tmp_path, steps=40, val_every=40).fit(module, datamodule=data)

@@ -13,61 +13,44 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import LightningModule
 
-from lightning_rlhf.algorithms.common import (
-    MetricSums, adamw_with_schedule, encode_completions, export_hf, finish_validation, generate_text,
-    validate_at_start,
-)
+from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text
+from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
+from lightning_rlhf.models.chat import encode_completions
+from lightning_rlhf.rewards import accuracy_reward
+from lightning_rlhf.rollout import ROLLOUT_ENGINES
 
 
-class SFT(LightningModule):
+class SFT(SupervisedStage):
     """Token cross-entropy on completion tokens.
 
     Args:
         policy: HF model id or local dir of the causal LM to train.
-        output_dir: where the trained policy is saved (HF format) at the end; None skips saving.
-        produced_by: recipe that writes `policy`, named in the error when that dir is missing.
         gguf_file: load `policy` from this GGUF file inside the dir (fp32).
-        lr, weight_decay, warmup_steps, lr_schedule: AdamW and its schedule (constant, linear, cosine).
-        max_length: prompt + completion tokens kept (cut at the end).
+        dtype: weights dtype (float32, bfloat16, float16).
+        max_prompt_length: prompt tokens kept for the validation generations.
         val_max_new_tokens: generation budget for the validation accuracy.
-        val_on_start: run validation before the first update (step 0).
+        rollout_engine: engine used for the validation generations.
+        **kwargs: output_dir, produced_by, optimizer, lr_schedule, warmup_steps, max_length, val_on_start
+            (`SupervisedStage`).
     """
 
-    def __init__(
-        self,
-        policy: str,
-        output_dir: str | None = None,
-        produced_by: str | None = None,
-        gguf_file: str | None = None,
-        dtype: str = "float32",
-        lr: float = 1e-4,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        lr_schedule: str = "cosine",
-        max_length: int = 512,
-        max_prompt_length: int = 256,
-        val_max_new_tokens: int = 64,
-        val_on_start: bool = True,
-        rollout_engine: str = "hf",
-    ) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
-        from lightning_rlhf.rollout import ROLLOUT_ENGINES
-
-        require_checkpoint(policy, produced_by)
+    def __init__(self, policy: str, gguf_file: str | None = None, dtype: str = "float32", max_prompt_length: int = 256,
+                 val_max_new_tokens: int = 64, rollout_engine: str = "hf", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        require_checkpoint(policy, self.produced_by)
+        self.max_prompt_length, self.val_max_new_tokens = max_prompt_length, val_max_new_tokens
         self.tokenizer = load_tokenizer(policy)
         self.policy = load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype).train()
         self.engine = ROLLOUT_ENGINES.get(rollout_engine)()
-        self.val_sums = MetricSums()
-        self.eval_history: list[tuple[int, dict[str, float]]] = []
+
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy
 
     # 1. the loss --------------------------------------------------------------------------------
     def _loss_sums(self, batch: dict[str, list]) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum of token cross-entropies over completion tokens, and the number of those tokens."""
-        enc = encode_completions(self.tokenizer, batch["prompt"], batch["completion"], self.hparams.max_length)
+        enc = encode_completions(self.tokenizer, batch["prompt"], batch["completion"], self.max_length)
         enc = {k: v.to(self.device) for k, v in enc.items()}
         logits = self.policy(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
         labels = enc["labels"][:, 1:]
@@ -83,31 +66,12 @@ class SFT(LightningModule):
         return loss
 
     # 2. validation: loss and greedy exact-answer accuracy ------------------------------------------
-    def _validate_batch(self, batch: dict[str, list]) -> None:
+    def validate_batch(self, batch: dict[str, list]) -> None:
         with torch.no_grad():
             loss_sum, n_tokens = self._loss_sums(batch)
-        self.val_sums.add("val/loss", loss_sum, n_tokens)
+        self.val_metrics.update("val/loss", loss_sum.double() / n_tokens.clamp(min=1), n_tokens)
         if "answer" in batch:
-            from lightning_rlhf.rewards import accuracy_reward
-
             completions, _ = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
-                                        max_new_tokens=self.hparams.val_max_new_tokens,
-                                        max_prompt_length=self.hparams.max_prompt_length)
-            correct = accuracy_reward(batch["prompt"], completions, answer=batch["answer"])
-            self.val_sums.add("val/accuracy", sum(correct), len(correct))
-
-    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
-        self._validate_batch(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        finish_validation(self)
-
-    def on_train_start(self) -> None:
-        validate_at_start(self, self._validate_batch, self.policy)
-
-    # 3. optimisation and export --------------------------------------------------------------------
-    def configure_optimizers(self) -> Any:
-        return adamw_with_schedule(self.policy.parameters(), self.hparams, self.trainer)
-
-    def on_train_end(self) -> None:
-        self.export_dir = export_hf(self.policy, self.tokenizer, self.hparams.output_dir, self.trainer)
+                                           max_new_tokens=self.val_max_new_tokens,
+                                           max_prompt_length=self.max_prompt_length)
+            self.val_metrics.update("val/accuracy", accuracy_reward(batch["prompt"], completions, answer=batch["answer"]))

@@ -1,31 +1,29 @@
 """Data: task generators (arithmetic, countdown), source loading/validation, and LightningDataModules.
 
 Data modules yield raw rows collated column-wise ({column: [values]}); the LightningModules tokenize.
-Names are imported lazily (PEP 562), so the task generators load without `datasets` or `lightning`.
+The registries `TASKS` and `FORMATTERS` live in the leaf `registry.py`; importing this package imports
+every module that registers into them (`tasks`, `countdown`, `sources`), so both are complete.
+Simplification: the names are imported eagerly, so `lightning_rlhf.data` (even just its task
+generators) loads `datasets` and `lightning` too.
 """
 
-from __future__ import annotations
+from lightning_rlhf.data.countdown import countdown_check, countdown_problems
+from lightning_rlhf.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule, collate_rows
+from lightning_rlhf.data.registry import FORMATTERS, TASKS
+from lightning_rlhf.data.sources import load_rows
+from lightning_rlhf.data.tasks import arithmetic_problems, preference_pairs, sft_examples
 
-import importlib
-from typing import Any
-
-_WHERE = {
-    "TASKS": "tasks", "arithmetic_problems": "tasks", "sft_examples": "tasks", "preference_pairs": "tasks",
-    "countdown_problems": "countdown", "countdown_check": "countdown",
-    "FORMATTERS": "sources", "load_rows": "sources",
-    "collate_rows": "modules", "PromptDataModule": "modules", "SFTDataModule": "modules",
-    "PreferenceDataModule": "modules",
-}
-__all__ = list(_WHERE)
-
-
-def __getattr__(name: str) -> Any:
-    if name not in _WHERE:
-        raise AttributeError(f"module 'lightning_rlhf.data' has no attribute '{name}'")
-    value = getattr(importlib.import_module(f"lightning_rlhf.data.{_WHERE[name]}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+__all__ = [
+    "FORMATTERS",
+    "TASKS",
+    "PreferenceDataModule",
+    "PromptDataModule",
+    "SFTDataModule",
+    "arithmetic_problems",
+    "collate_rows",
+    "countdown_check",
+    "countdown_problems",
+    "load_rows",
+    "preference_pairs",
+    "sft_examples",
+]

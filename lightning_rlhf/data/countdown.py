@@ -19,7 +19,8 @@ from collections import Counter
 from fractions import Fraction
 from typing import Sequence
 
-from lightning_rlhf.data.tasks import TASKS, collect
+from lightning_rlhf.data.registry import TASKS
+from lightning_rlhf.data.splits import collect
 
 DEFAULT_PROMPT = ("Using the numbers {numbers}, create an equation that equals {target}. Use each number exactly "
                   "once, with + - * / and parentheses. Think inside <think></think>, then give only the equation "

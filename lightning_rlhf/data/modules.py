@@ -28,13 +28,19 @@ def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
 
 
 class _RowsDataModule(pl.LightningDataModule):
-    """Shared loading and loaders; subclasses set REQUIRED and their own typed __init__."""
+    """Shared typed `__init__`, loading and loaders; subclasses set REQUIRED (and DROP_LAST).
+
+    LightningCLI reads the arguments from this `__init__`'s signature, which a subclass inherits unless
+    it needs other defaults (PromptDataModule's batch_size).
+    """
 
     REQUIRED: tuple[str, ...] = ()
     DROP_LAST = False  # RL stages need every step to have batch_size prompts (mini-batches must divide it)
 
-    def _init(self, train: dict, val: dict | None, batch_size: int, val_batch_size: int, shuffle: bool,
-              seed: int, num_workers: int) -> None:
+    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 16, val_batch_size: int = 32,
+                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
+        super().__init__()
+        self.save_hyperparameters()  # also collects a subclass __init__'s arguments (same names)
         if batch_size < 1 or val_batch_size < 1:
             raise ValueError(f"{type(self).__name__}: batch_size and val_batch_size must be >= 1, got "
                              f"{batch_size} and {val_batch_size}")
@@ -86,9 +92,7 @@ class PromptDataModule(_RowsDataModule):
 
     def __init__(self, train: dict, val: dict | None = None, batch_size: int = 8, val_batch_size: int = 32,
                  shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
+        super().__init__(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
 
 
 class SFTDataModule(_RowsDataModule):
@@ -104,12 +108,6 @@ class SFTDataModule(_RowsDataModule):
 
     REQUIRED = ("prompt", "completion")
 
-    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 16, val_batch_size: int = 32,
-                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
-
 
 class PreferenceDataModule(_RowsDataModule):
     """Preference pairs for the reward model. Required columns: prompt, chosen, rejected.
@@ -123,9 +121,3 @@ class PreferenceDataModule(_RowsDataModule):
     """
 
     REQUIRED = ("prompt", "chosen", "rejected")
-
-    def __init__(self, train: dict, val: dict | None = None, batch_size: int = 16, val_batch_size: int = 32,
-                 shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
-        super().__init__()
-        self.save_hyperparameters()
-        self._init(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)

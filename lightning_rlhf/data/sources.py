@@ -25,11 +25,9 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import datasets
 
+from lightning_rlhf.data.registry import FORMATTERS, TASKS
 from lightning_rlhf.errors import DataError, MissingFileError
-from lightning_rlhf.data.tasks import TASKS
-from lightning_rlhf.registry import Registry
 
-FORMATTERS = Registry("format")
 COMMON_KEYS = ("columns", "limit", "format")
 PATH_KEYS = ("path", "name", "split", "data_files", "revision")
 FILE_TYPES = {".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
@@ -167,17 +165,20 @@ def _process_row(row: Any, loc: str, spec: _Spec) -> dict:
     return renamed
 
 
+def _loads(text: str, message: Callable[[json.JSONDecodeError], str]) -> Any:
+    """`json.loads(text)`; malformed JSON raises a DataError with `message(error)` (no chained traceback)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise DataError(message(err)) from None
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{path}:{lineno}: malformed JSON row ({err.msg} at column {err.colno}). "
-                                 "Fix or delete that line.") from None
-            yield f"{path}:{lineno}", row
+            if line.strip():
+                yield f"{path}:{lineno}", _loads(line, lambda err: f"{path}:{lineno}: malformed JSON row ({err.msg} "
+                                                 f"at column {err.colno}). Fix or delete that line.")
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -185,11 +186,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     if not text.lstrip().startswith("["):  # HF also reads JSON Lines from .json files
         yield from _jsonl_rows(path)
         return
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path}:{err.lineno}: malformed JSON ({err}). Fix the file, or write JSON Lines "
-                         "(.jsonl, one object per line).") from None
+    rows = _loads(text, lambda err: f"{path}:{err.lineno}: malformed JSON ({err}). Fix the file, or write JSON "
+                                    "Lines (.jsonl, one object per line).")
     for i, row in enumerate(rows):
         yield f"{path}: row {i}", row
 

@@ -8,7 +8,7 @@ on a CPU can learn it) and the answer is the integer it evaluates to. Three row 
     preference_pairs    -> {"prompt", "chosen", "rejected", "flaw", ...}     (reward-model pairs)
 
 Splits: a question belongs to exactly one of train / val / test, decided by a stable hash of its text
-(`split_of`), so held-out prompts never appear in training whatever the seed or `n`.
+(`split_of` in `splits.py`), so held-out prompts never appear in training whatever the seed or `n`.
 
 Simplifications: `*` is evaluated before `+`/`-` (reasoning steps do products first, then left to
 right); `nonnegative=True` resamples until every intermediate result is >= 0 (easier for tiny models);
@@ -18,67 +18,15 @@ question space runs out, after which repeats are allowed.
 
 from __future__ import annotations
 
-import hashlib
 import operator
 import random
-from typing import Any, Callable
+from typing import Callable
 
-from lightning_rlhf.registry import Registry
+from lightning_rlhf.data.registry import TASKS
+from lightning_rlhf.data.splits import collect, split_of  # noqa: F401  (split_of: re-exported for callers)
 
-TASKS = Registry("task")
-
-SPLITS = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 FLAWS = ("wrong_answer", "broken_format", "no_reasoning", "wrong_step", "stops_early")
 _OPS: dict[str, Callable[[int, int], int]] = {"+": operator.add, "-": operator.sub, "*": operator.mul}
-
-
-# ----------------------------------------------------------------------------------------------
-# shared helpers (countdown.py uses these too)
-
-
-def split_of(key: str, holdout: float = 0.1) -> str:
-    """'train', 'val' or 'test' for `key`, from a stable hash: `holdout` of keys are held out, half each."""
-    bucket = int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "big") % 10_000
-    cut = int(round(holdout * 10_000))
-    if bucket < cut // 2:
-        return "test"
-    if bucket < cut:
-        return "val"
-    return "train"
-
-
-def check_split(split: str) -> str:
-    if split not in SPLITS:
-        raise ValueError(f"unknown split '{split}'. Use one of: {', '.join(SPLITS)}")
-    return SPLITS[split]
-
-
-def collect(n: int, split: str, sample: Callable[[], tuple[str, Any]], holdout: float, what: str) -> list[Any]:
-    """Draw `sample()` -> (key, item) until `n` items whose key hashes into `split`; distinct keys first.
-
-    When 20,000 draws in a row bring nothing new, repeats are allowed; if even that brings nothing, the
-    split is empty for these settings and a ValueError says how to widen them.
-    """
-    if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"{what}: n must be a non-negative integer, got {n!r}")
-    split = check_split(split)
-    items: list[Any] = []
-    seen: set[str] = set()
-    misses, repeats_allowed = 0, False
-    while len(items) < n:
-        key, item = sample()
-        if split_of(key, holdout) == split and (repeats_allowed or key not in seen):
-            seen.add(key)
-            items.append(item)
-            misses = 0
-            continue
-        misses += 1
-        if misses > 20_000:
-            if repeats_allowed or not seen:
-                raise ValueError(f"{what}: found no '{split}' problems with these settings after {misses} tries "
-                                 f"({len(items)} of {n} made). Widen the ranges (more terms, larger numbers).")
-            repeats_allowed, misses = True, 0
-    return items
 
 
 # ----------------------------------------------------------------------------------------------
@@ -313,6 +261,3 @@ def preference_pairs(n: int, *, seed: int = 0, split: str = "train", min_terms: 
                     "answer": r["answer"], "question": r["question"]})
     return out
 
-
-# countdown.py registers "countdown" in TASKS; import it here so TASKS is complete whoever imports it first
-from lightning_rlhf.data import countdown as _countdown  # noqa: E402,F401

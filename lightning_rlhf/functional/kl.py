@@ -22,9 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_rlhf.registry import Registry
-
-KL_ESTIMATORS = Registry("KL estimator")
+from lightning_rlhf.functional.registries import KL_ESTIMATORS
 
 # d is clamped to this range in k3 so exp(d) stays finite.
 K3_CLAMP = 20.0

@@ -1,7 +1,7 @@
 """Per-token log-probabilities and entropies from logits, in float32.
 
 `logprobs_from_logits` gives log pi(a_t | s_t) of the sampled tokens; `entropy_from_logits` gives the
-full-distribution entropy -sum_v p_v log p_v of each position (DESIGN.md §2).
+full-distribution entropy -sum_v p_v log p_v of each position (docs/math.md, "Log-probabilities and entropy").
 
 Alignment is the caller's job: pass the logits *at the position before* each token (for a causal LM,
 `logits[:, prompt_len - 1 : -1]` against the response tokens), so that logits[b, t] predicts tokens[b, t].

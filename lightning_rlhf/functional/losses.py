@@ -25,11 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_rlhf.functional.kl import KL_ESTIMATORS, kl_penalty
+from lightning_rlhf.functional.kl import kl_penalty
 from lightning_rlhf.functional.masked import _as_float, _check_mask, masked_mean, masked_sum
-from lightning_rlhf.registry import Registry
-
-LOSS_AGGREGATIONS = Registry("loss aggregation")
+from lightning_rlhf.functional.registries import KL_ESTIMATORS, LOSS_AGGREGATIONS
 
 
 @LOSS_AGGREGATIONS.register("token-mean")
@@ -93,12 +91,7 @@ def bradley_terry_loss(
 
 
 def _clipped_surrogate(
-    logp: Tensor,
-    old_logp: Tensor,
-    advantages: Tensor,
-    mask: Tensor,
-    clip_low: float,
-    clip_high: float | None,
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, clip_low: float, clip_high: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token PPO loss max(-A ratio, -A clip(ratio)) (B, T), 0 at padding, and its stats."""
     keep = _check_mask(logp, mask)
@@ -224,23 +217,38 @@ def grpo_loss(
     stats: those of `policy_loss` plus "kl" (masked mean of kl_t; 0 without a KL term) and
     "policy_loss" (the aggregated surrogate alone).
     """
-    KL_ESTIMATORS.get(kl_kind)  # a typo fails even when the KL term is off
-    if ref_logp is not None and ref_logp.shape != logp.shape:
-        raise ValueError(
-            f"ref_logp shape {tuple(ref_logp.shape)} does not match logp {tuple(logp.shape)}"
-        )
+    _check_kl_args(logp, ref_logp, kl_kind)
     loss_mat, stats = _clipped_surrogate(logp, old_logp, advantages, mask, clip_low, clip_high)
     keep = _check_mask(logp, mask)
     with torch.no_grad():
         stats["policy_loss"] = aggregate(loss_mat, mask, agg, max_len)
-    if ref_logp is not None and beta != 0:
-        zero = torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
-        # zero both log-probs at padding: d = 0 there, and no NaN can flow back from padded garbage
-        lp = torch.where(keep, _as_float(logp).to(loss_mat.dtype), zero)
-        ref = torch.where(keep, _as_float(ref_logp).to(loss_mat.dtype), zero)
-        kl_mat = torch.where(keep, kl_penalty(lp, ref, kl_kind), zero)
+    kl_mat, stats["kl"] = _kl_term(logp, ref_logp, keep, beta, kl_kind, loss_mat.dtype)
+    if kl_mat is not None:
         loss_mat = loss_mat + beta * kl_mat
-        stats["kl"] = masked_mean(kl_mat.detach(), keep)
-    else:
-        stats["kl"] = torch.zeros((), dtype=loss_mat.dtype, device=loss_mat.device)
     return aggregate(loss_mat, mask, agg, max_len), stats
+
+
+def _check_kl_args(logp: Tensor, ref_logp: Tensor | None, kl_kind: str) -> None:
+    """Fail early on an unknown `kl_kind` (even when the KL term is off) or a mis-shaped `ref_logp`."""
+    KL_ESTIMATORS.get(kl_kind)
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(
+            f"ref_logp shape {tuple(ref_logp.shape)} does not match logp {tuple(logp.shape)}"
+        )
+
+
+def _kl_term(
+    logp: Tensor, ref_logp: Tensor | None, keep: Tensor, beta: float, kl_kind: str, dtype: torch.dtype
+) -> tuple[Tensor | None, Tensor]:
+    """Per-token in-loss KL (B, T) of kind `kl_kind`, 0 at padding, and its detached masked mean.
+
+    Returns (None, 0) when there is no KL term (`ref_logp` None or `beta == 0`). `keep` is the bool
+    mask; both log-probs are zeroed at padding first, so d = 0 there and no NaN flows back from garbage.
+    """
+    zero = torch.zeros((), dtype=dtype, device=logp.device)
+    if ref_logp is None or beta == 0:
+        return None, zero
+    lp = torch.where(keep, _as_float(logp).to(dtype), zero)
+    ref = torch.where(keep, _as_float(ref_logp).to(dtype), zero)
+    kl_mat = torch.where(keep, kl_penalty(lp, ref, kl_kind), zero)
+    return kl_mat, masked_mean(kl_mat.detach(), keep)

@@ -7,11 +7,14 @@ or inf sitting at a padded position never reaches the result or its gradient.
 Simplifications and choices:
 - An all-padding mask gives a mean of 0 rather than NaN, so an empty batch adds nothing to a loss.
 - Everything is computed in float32 or wider: bf16/fp16 inputs are upcast, float64 stays float64.
-- No cross-rank reduction happens here. Whitening "over the batch across all ranks" (DESIGN.md §2, PPO
-  advantages) is the trainer's job: gather, then call these functions.
+- Whitening "over the batch across all ranks" (PPO advantages, REINFORCE++; docs/math.md, "Whitening")
+  is `masked_whiten_all`: it takes an `all_reduce` callable (element-wise sum over ranks) instead of a
+  process group, so it stays a pure function; without one it is exactly `masked_whiten`.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -89,7 +92,8 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
 
     Shapes: x, mask (B, T) -> (B, T), 0 at padding. With `shift_mean=False` the mean is added back
     (only the scale is normalised), as in the PPO implementations that whiten rewards.
-    Used for PPO advantages (DESIGN.md §2); the statistics are over all real tokens of `x` only.
+    Used for PPO advantages (docs/math.md, "Whitening"); the statistics are over the real tokens of `x`
+    only (see `masked_whiten_all` for statistics over all ranks).
     """
     keep = _check_mask(x, mask)
     xf = _as_float(x)
@@ -99,3 +103,37 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
     if not shift_mean:
         white = white + mean
     return torch.where(keep, white, torch.zeros((), dtype=white.dtype, device=white.device))
+
+
+def masked_whiten_all(
+    x: Tensor, mask: Tensor, all_reduce: Callable[[Tensor], Tensor] | None = None, eps: float = 1e-8
+) -> Tensor:
+    """`masked_whiten` with the mean and unbiased variance over the real tokens of ALL ranks.
+
+    Shapes: x, mask (B, T) -> (B, T), 0 at padding, float32 (float64 stays float64).
+    `all_reduce(t)` must return the element-wise SUM of `t` over all ranks (e.g. a wrapper around
+    `torch.distributed.all_reduce`); with `all_reduce=None` (one process) this is exactly
+    `masked_whiten(x, mask, eps=eps)`. Otherwise, in float64:
+
+        S = sum_ranks sum_real x,   Q = sum_ranks sum_real x^2,   n = number of real tokens (all ranks)
+        mean = S / n,   var = (Q / n - mean^2) * n / (n - 1)     (clamped at 0 before Bessel's factor)
+        out  = (x - mean) * rsqrt(var + eps)
+
+    ValueError if fewer than 2 real tokens in total. The mask is read as 0/1 (real or padding).
+    """
+    if all_reduce is None:
+        return masked_whiten(x, mask, eps=eps)
+    keep = _check_mask(x, mask)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    xd = torch.where(keep, x.double(), zero)
+    local = torch.stack([xd.sum(), (xd * xd).sum(), keep.double().sum()])
+    total, sq_total, n = all_reduce(local).to(device=x.device, dtype=torch.float64)
+    if float(n) < 2:
+        raise ValueError(
+            f"whitening needs at least 2 real tokens across all ranks, got {float(n):g}; "
+            "pass a batch with more response tokens"
+        )
+    mean = total / n
+    var = (sq_total / n - mean * mean).clamp(min=0) * n / (n - 1)
+    out = torch.where(keep, (xd - mean) * torch.rsqrt(var + eps), zero)
+    return out.to(torch.float64 if x.dtype == torch.float64 else torch.float32)

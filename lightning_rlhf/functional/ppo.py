@@ -3,6 +3,8 @@
 - `token_level_rewards(scores, logp, ref_logp, mask, kl_coef, kl_kind)`: r_t = -kl_coef * kl_t on every
   real response token, plus the sequence's score on its last real token (Ouyang et al. 2022, eq. 2, where
   the penalty is beta * log(pi / pi_ref), i.e. the k1 estimator; Ziegler et al. 2019, arXiv:1909.08593).
+- `outcome_rewards(scores, mask)`: the score alone on the last real token (what the critic-free advantage
+  estimators take as per-token rewards).
 - `explained_variance(values, returns, mask)`: 1 - Var[R - V] / Var[R] over real tokens, the usual check
   that a critic predicts something (1: perfect, 0: no better than a constant, < 0: worse).
 - `adaptive_kl_coef(kl_coef, current_kl, target, horizon, n_steps)`: the log-space proportional controller
@@ -10,7 +12,7 @@
 
 All run under `torch.no_grad()` where they take tensors: their outputs are targets and statistics.
 What the slides simplify: they put the KL penalty into the loss ("- beta KL"); InstructGPT's PPO puts
-it into the per-token reward, so the critic and GAE see it too (DESIGN.md §2).
+it into the per-token reward, so the critic and GAE see it too (docs/math.md, "Per-token rewards").
 """
 
 from __future__ import annotations
@@ -46,12 +48,36 @@ def token_level_rewards(
     zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
     kl = torch.where(keep, kl, zero)
     rewards = -float(kl_coef) * kl
+    _add_on_last_token(rewards, scores, keep)
+    return rewards, kl
+
+
+def _add_on_last_token(rewards: Tensor, scores: Tensor, keep: Tensor) -> None:
+    """In place: rewards[b, last real token of row b] += scores[b]; rows without a real token get nothing."""
     positions = torch.arange(keep.shape[-1], device=keep.device).expand_as(keep)
     last = torch.where(keep, positions, torch.full_like(positions, -1)).amax(dim=-1)  # (B,), -1 if empty
     has_token = last >= 0
     rows = torch.arange(keep.shape[0], device=keep.device)[has_token]
     rewards[rows, last[has_token]] += _as_float(scores)[has_token].to(rewards.dtype)
-    return rewards, kl
+
+
+@torch.no_grad()
+def outcome_rewards(scores: Tensor, mask: Tensor) -> Tensor:
+    """Per-token rewards of an outcome score: `scores[b]` on row b's last real token, 0 elsewhere.
+
+    Shapes: scores (B,), mask (B, T) -> (B, T) float32 (float64 stays float64). The input the critic-free
+    `ADVANTAGE_ESTIMATORS` entries expect (they sum each row back to its score, exactly). A row without
+    a real token has nowhere to put its score and gets none (a rollout that keeps the eos always has one).
+    """
+    if scores.dim() != 1 or mask.dim() != 2 or scores.shape[0] != mask.shape[0]:
+        raise ValueError(
+            f"expected scores (B,) and mask (B, T) with the same B, got {tuple(scores.shape)} and "
+            f"{tuple(mask.shape)}"
+        )
+    keep = mask if mask.dtype == torch.bool else mask != 0
+    rewards = torch.zeros(mask.shape, dtype=_as_float(scores).dtype, device=scores.device)
+    _add_on_last_token(rewards, scores, keep)
+    return rewards
 
 
 @torch.no_grad()

@@ -1,12 +1,19 @@
 """Building and loading the policy, reference, reward and critic models (HF id or local directory).
 
+Importing the package gives every public name of its modules, so callers write
+`from lightning_rlhf.models import load_causal_lm`. Simplification: the modules below import only
+`lightning_rlhf.errors` from the rest of the package; they know nothing of stages or rewards.
+
 - `tokenizer.py`: a byte-level BPE tokenizer trained locally (`train_bpe_tokenizer`, `default_corpus`).
 - `tiny.py`: `build_tiny_model`, a random tiny Llama + tokenizer saved as an HF directory (tests, quickstart).
 - `loading.py`: loaders (`load_causal_lm`, `load_reward_model`, `load_critic`, `load_tokenizer`), forward
   helpers that are right for either padding side (`score_sequences`, `token_values`), `save_hf`,
   `require_checkpoint` and `gguf_to_hf`.
+- `chat.py`: chat formatting and tokenizing (`chat_prompts`, `encode_prompts`, `encode_completions`,
+  `format_conversation`), shared by the stages and the reward-model scorer.
 """
 
+from lightning_rlhf.models.chat import chat_prompts, encode_completions, encode_prompts, format_conversation
 from lightning_rlhf.models.loading import (
     gguf_to_hf,
     last_token_index,
@@ -28,7 +35,11 @@ __all__ = [
     "CHATML_TEMPLATE",
     "TAG_TOKENS",
     "build_tiny_model",
+    "chat_prompts",
     "default_corpus",
+    "encode_completions",
+    "encode_prompts",
+    "format_conversation",
     "gguf_to_hf",
     "last_token_index",
     "load_causal_lm",

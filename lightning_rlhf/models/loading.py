@@ -196,43 +196,34 @@ def _tokenizer_pad_id(name: str) -> int | None:
     return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
 
-def load_reward_model(
-    name_or_path: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype = "float32",
-    trust_remote_code: bool = False,
-    produced_by: str | None = None,
-    **kw: Any,
-) -> PreTrainedModel:
-    """AutoModelForSequenceClassification with one output (the reward); see the module docstring for what
-    happens to the head. Score batches with `score_sequences` (any padding side)."""
+def _load_with_head(auto_class: Any, name_or_path: str | os.PathLike, dtype: str | torch.dtype,
+                    trust_remote_code: bool, produced_by: str | None, kw: dict[str, Any], **overrides: Any) -> Any:
+    """`auto_class.from_pretrained` with `_head_config` (num_labels=1, a pad id, `overrides`) as its config."""
     name = require_checkpoint(name_or_path, produced_by)
-    config = _head_config(name, produced_by, trust_remote_code)
+    config = _head_config(name, produced_by, trust_remote_code, **overrides)
     return _from_pretrained(
-        AutoModelForSequenceClassification, name, produced_by,
+        auto_class, name, produced_by,
         config=config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
     )  # fmt: skip
 
 
-def load_critic(
-    name_or_path: str | os.PathLike,
-    *,
-    dtype: str | torch.dtype = "float32",
-    trust_remote_code: bool = False,
-    produced_by: str | None = None,
-    **kw: Any,
-) -> PreTrainedModel:
+def load_reward_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                      trust_remote_code: bool = False, produced_by: str | None = None, **kw: Any) -> PreTrainedModel:
+    """AutoModelForSequenceClassification with one output (the reward); see the module docstring for what
+    happens to the head. Score batches with `score_sequences` (any padding side)."""
+    return _load_with_head(AutoModelForSequenceClassification, name_or_path, dtype, trust_remote_code,
+                           produced_by, kw)
+
+
+def load_critic(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",
+                trust_remote_code: bool = False, produced_by: str | None = None, **kw: Any) -> PreTrainedModel:
     """AutoModelForTokenClassification with one output per token (the value V(s_t)), no head dropout.
 
     From a reward-model directory `score.weight` carries over and the head's bias starts at 0; from a
     causal-LM directory the head is new. Read values with `token_values`.
     """
-    name = require_checkpoint(name_or_path, produced_by)
-    config = _head_config(name, produced_by, trust_remote_code, classifier_dropout=0.0)
-    return _from_pretrained(
-        AutoModelForTokenClassification, name, produced_by,
-        config=config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
-    )  # fmt: skip
+    return _load_with_head(AutoModelForTokenClassification, name_or_path, dtype, trust_remote_code,
+                           produced_by, kw, classifier_dropout=0.0)
 
 
 # ------------------------------------------------------------------------------------ forward helpers

@@ -5,8 +5,8 @@ model hub: it trains a byte-level BPE tokenizer locally, builds `LlamaForCausalL
 with weights drawn from a seeded generator, and writes both with `save_hf`, so every later stage loads it
 exactly like a real checkpoint (`load_causal_lm(dir)`, `load_reward_model(dir)`, ...).
 
-Simplification: the weights are random, not pretrained; what such a model can learn is whatever the SFT
-stage teaches it.
+Simplifications: the weights are random, not pretrained (what such a model can learn is whatever the SFT
+stage teaches it); the architecture is always Llama, with only the sizes configurable.
 """
 
 from __future__ import annotations
@@ -56,19 +56,11 @@ def build_tiny_model(
         model_max_length=max_position_embeddings,
     )
     config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden_size,
-        intermediate_size=intermediate_size,
-        num_hidden_layers=num_layers,
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=1e-5,
-        initializer_range=0.02,
-        tie_word_embeddings=tie_word_embeddings,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-5, initializer_range=0.02,
+        tie_word_embeddings=tie_word_embeddings, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 
-from lightning_rlhf.rewards import REWARDS
+from lightning_rlhf.rewards.registry import REWARDS
 
 _STEP = re.compile(r"^\s*(-?\d+)\s*([+\-*])\s*(-?\d+)\s*=\s*(-?\d+)\s*$")
 _BLOCK = re.compile(r"<think>(.*?)</think>\s*<answer>(.*?)</answer>", re.S)

@@ -27,7 +27,7 @@ from typing import Any, Callable
 
 import torch
 
-from lightning_rlhf.rewards import REWARDS
+from lightning_rlhf.rewards.registry import REWARDS
 
 _WARNED: set[str] = set()  # reward names already warned about in this process
 

@@ -15,20 +15,12 @@ longer than `max_length` tokens keep their end (the completion), truncating from
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import torch
 
-from lightning_rlhf.rewards import REWARDS
+from lightning_rlhf.rewards.registry import REWARDS
 
 RECIPE_HINT = "train one with `python -m lightning_rlhf fit --config recipes/reward_model/tiny_arithmetic.yaml`"
-
-
-def _looks_local(path: str) -> bool:
-    """A path, not a hub id ("org/name"): absolute, relative with ./ or ~, deeper, or under an existing dir."""
-    if path.startswith((".", "/", "~")) or path.count("/") != 1:
-        return True
-    return Path(path.split("/")[0]).exists()
 
 
 @REWARDS.register("reward_model")
@@ -55,8 +47,10 @@ class RewardModelScorer:
             return self
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from lightning_rlhf.models import looks_local  # here, not at the top: importing rewards stays light
+
         path = os.path.expanduser(self.path)
-        if not os.path.exists(path) and _looks_local(path):
+        if not os.path.exists(path) and looks_local(path):
             raise FileNotFoundError(f"reward model directory '{self.path}' does not exist; {RECIPE_HINT}, "
                                     f"then point `path` at its saved HF directory")
         try:
@@ -86,7 +80,7 @@ class RewardModelScorer:
 
     def format_text(self, prompt: str, completion: str) -> str:
         """The text the reward model reads for one pair."""
-        from lightning_rlhf.algorithms.common import format_conversation  # the RM stage trains on this text
+        from lightning_rlhf.models import format_conversation  # the reward-model stage trains on this text
 
         if self.apply_chat_template:
             return format_conversation(self.tokenizer, prompt, completion)

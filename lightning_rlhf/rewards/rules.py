@@ -30,7 +30,7 @@ import re
 import threading
 from typing import Any
 
-from lightning_rlhf.rewards import REWARDS
+from lightning_rlhf.rewards.registry import REWARDS
 
 MAX_COMPLETION_CHARS = 20_000
 MAX_ANSWER_CHARS = 200

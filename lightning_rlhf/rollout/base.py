@@ -6,8 +6,9 @@ included), the log-probs of the sampled tokens under the sampling distribution, 
 Rows of one prompt are consecutive: rows i*G .. i*G+G-1 all answer prompt i (GRPO's group advantages
 rely on that).
 
-An engine (`RolloutEngine`) turns a batch of prompts into a `Rollout`. Engines are chosen by name from
-`ROLLOUT_ENGINES` ("hf" = Hugging Face `generate`, in `hf.py`).
+An engine (`RolloutEngine`) turns a batch of prompts into a `Rollout`, sampling as `SamplingParams`
+says (checked once, in `RolloutEngine.generate`). Engines are chosen by name from `ROLLOUT_ENGINES`
+("hf" = Hugging Face `generate`, in `hf.py`). A leaf module: it imports only `lightning_rlhf.registry`.
 
 Simplifications: a `Rollout` is a plain container of tensors; it carries no text, rewards or
 advantages (trainers keep those next to it), and `select`/`split` keep the rows in the order given.
@@ -142,44 +143,65 @@ class Rollout:
         return tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 
-class RolloutEngine(abc.ABC):
-    """Samples responses for a batch of left-padded prompts and returns a `Rollout`."""
+@dataclass(frozen=True, kw_only=True)
+class SamplingParams:
+    """How to sample: the keyword arguments of `RolloutEngine.generate`, all checked in one place.
 
-    @abc.abstractmethod
+    `num_generations` responses per prompt (consecutive rows), at most `max_new_tokens` each. top_k=0
+    and top_p=1.0 disable those filters; greedy=True takes the argmax (temperature, top_p, top_k
+    ignored; logprobs at temperature 1). `eos_token_id` (one id or several) and `pad_token_id` are
+    required.
+    """
+
+    eos_token_id: int | Sequence[int] | None
+    pad_token_id: int | None
+    num_generations: int = 1
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """`eos_token_id` as a list of ids."""
+        return [self.eos_token_id] if isinstance(self.eos_token_id, int) else list(self.eos_token_id)
+
+
+class RolloutEngine(abc.ABC):
+    """Samples responses for a batch of left-padded prompts and returns a `Rollout`.
+
+    `generate` checks the arguments once; an engine implements `_generate`, which gets them checked.
+    """
+
     def generate(
         self,
         model: torch.nn.Module,
         prompt_ids: Tensor,
         prompt_mask: Tensor,
-        *,
-        num_generations: int = 1,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        greedy: bool = False,
-        eos_token_id: int | Sequence[int],
-        pad_token_id: int,
+        params: SamplingParams | None = None,
+        **sampling: Any,
     ) -> Rollout:
         """Sample `num_generations` responses per prompt (consecutive rows), at most max_new_tokens each.
 
-        prompt_ids/prompt_mask: (B, P), left-padded. top_k=0 and top_p=1.0 disable those filters;
-        greedy=True takes the argmax (temperature, top_p, top_k ignored; logprobs at temperature 1).
-        Returns a Rollout with N = B * num_generations rows and group_size = num_generations.
+        prompt_ids/prompt_mask: (B, P), left-padded. The sampling settings are `SamplingParams`' fields
+        given as keywords (`engine.generate(model, ids, mask, num_generations=4, max_new_tokens=32,
+        temperature=1.0, eos_token_id=eos, pad_token_id=pad)`), or a `params` object (keywords given
+        beside it override its fields). Returns a Rollout with N = B * num_generations rows and
+        group_size = num_generations.
         """
+        params = SamplingParams(**sampling) if params is None else replace(params, **sampling)
+        check_generate_args(prompt_ids, prompt_mask, params)
+        return self._generate(model, prompt_ids, prompt_mask, params)
+
+    @abc.abstractmethod
+    def _generate(self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                  params: SamplingParams) -> Rollout:
+        """The engine's sampling, with arguments `generate` has already checked."""
 
 
-def check_generate_args(
-    prompt_ids: Tensor,
-    prompt_mask: Tensor,
-    num_generations: int,
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    greedy: bool,
-) -> None:
-    """Raise a ValueError naming the bad argument and the fix; shared by engines."""
+def check_generate_args(prompt_ids: Tensor, prompt_mask: Tensor, params: SamplingParams) -> None:
+    """Raise a ValueError naming the bad argument and the fix; `RolloutEngine.generate` calls it."""
     if prompt_ids.dim() != 2 or prompt_ids.dtype.is_floating_point:
         raise ValueError(
             f"prompt_ids must be a 2-D integer tensor (B, P), got shape {tuple(prompt_ids.shape)} "
@@ -196,17 +218,26 @@ def check_generate_args(
             "prompts must be left-padded (the last column of prompt_mask must be all 1): "
             "set tokenizer.padding_side = 'left' before tokenizing prompts"
         )
-    if num_generations < 1:
-        raise ValueError(f"num_generations must be >= 1, got {num_generations}")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not greedy:
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0 for sampling, got {temperature}; use greedy=True for argmax")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p} (1.0 disables it)")
-        if top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {top_k} (0 disables it)")
+    _check_sampling(params)
+
+
+def _check_sampling(p: SamplingParams) -> None:
+    if p.num_generations < 1:
+        raise ValueError(f"num_generations must be >= 1, got {p.num_generations}")
+    if p.max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+    if not p.greedy:
+        if not p.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for sampling, got {p.temperature}; use greedy=True for argmax")
+        if not 0 < p.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {p.top_p} (1.0 disables it)")
+        if p.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {p.top_k} (0 disables it)")
+    if p.eos_token_id is None or p.pad_token_id is None:
+        raise ValueError(
+            f"eos_token_id={p.eos_token_id} and pad_token_id={p.pad_token_id} must both be set: give the "
+            "tokenizer an eos_token and a pad_token (e.g. tokenizer.pad_token = tokenizer.eos_token)"
+        )
 
 
 def response_mask_from_eos(tokens: Tensor, eos_token_id: int | Sequence[int]) -> tuple[Tensor, Tensor]:

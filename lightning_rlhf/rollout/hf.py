@@ -24,20 +24,14 @@ longest row ends (no continuous batching); a faster engine can be registered bes
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Sequence
+from typing import Iterator
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig
 
 from lightning_rlhf.functional import logprobs_from_logits
-from lightning_rlhf.rollout.base import (
-    ROLLOUT_ENGINES,
-    Rollout,
-    RolloutEngine,
-    check_generate_args,
-    response_mask_from_eos,
-)
+from lightning_rlhf.rollout.base import ROLLOUT_ENGINES, Rollout, RolloutEngine, SamplingParams, response_mask_from_eos
 
 
 @contextlib.contextmanager
@@ -74,37 +68,18 @@ class HFGenerateEngine(RolloutEngine):
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
         self.max_batch_size = max_batch_size
 
-    def generate(
-        self,
-        model: torch.nn.Module,
-        prompt_ids: Tensor,
-        prompt_mask: Tensor,
-        *,
-        num_generations: int = 1,
-        max_new_tokens: int = 64,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        greedy: bool = False,
-        eos_token_id: int | Sequence[int],
-        pad_token_id: int,
-    ) -> Rollout:
-        check_generate_args(prompt_ids, prompt_mask, num_generations, max_new_tokens, temperature, top_p, top_k, greedy)
+    def _generate(self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
+                  params: SamplingParams) -> Rollout:
         if not hasattr(model, "generate"):
             raise TypeError(
                 f"{type(model).__name__} has no .generate(): pass the Hugging Face causal LM itself "
                 "(unwrap DDP/FSDP/LightningModule wrappers first)"
             )
-        if eos_token_id is None or pad_token_id is None:
-            raise ValueError(
-                f"eos_token_id={eos_token_id} and pad_token_id={pad_token_id} must both be set: give the "
-                "tokenizer an eos_token and a pad_token (e.g. tokenizer.pad_token = tokenizer.eos_token)"
-            )
-        eos_list = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        temperature = 1.0 if greedy else float(temperature)
-        config = self._generation_config(max_new_tokens, temperature, top_p, top_k, greedy, eos_list, pad_token_id)
-        ids = prompt_ids.repeat_interleave(num_generations, dim=0)
-        mask = prompt_mask.long().repeat_interleave(num_generations, dim=0)
+        eos_list, pad_token_id, g = params.eos_ids, params.pad_token_id, params.num_generations
+        temperature = 1.0 if params.greedy else float(params.temperature)
+        config = self._generation_config(params, temperature, eos_list)
+        ids = prompt_ids.repeat_interleave(g, dim=0)
+        mask = prompt_mask.long().repeat_interleave(g, dim=0)
         step = self.max_batch_size or ids.shape[0]
         chunks = []
         with _generation_mode(model):
@@ -121,31 +96,17 @@ class HFGenerateEngine(RolloutEngine):
             response_mask=real.float(),
             logprobs=torch.where(real, logprobs, 0.0),  # where, not *: padding logprobs may be -inf
             truncated=truncated,
-            group_size=num_generations,
+            group_size=g,
         )
 
     @staticmethod
-    def _generation_config(
-        max_new_tokens: int,
-        temperature: float,
-        top_p: float,
-        top_k: int,
-        greedy: bool,
-        eos: list[int],
-        pad: int,
-    ) -> GenerationConfig:
-        common = dict(
-            max_new_tokens=max_new_tokens,
-            eos_token_id=eos,
-            pad_token_id=pad,
-            return_dict_in_generate=True,
-            output_logits=True,
-            use_cache=True,
-            num_beams=1,
-        )
-        if greedy:  # leave the sampling flags unset: transformers warns about them when do_sample=False
+    def _generation_config(params: SamplingParams, temperature: float, eos: list[int]) -> GenerationConfig:
+        common = dict(max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=params.pad_token_id,
+                      return_dict_in_generate=True, output_logits=True, use_cache=True, num_beams=1)
+        if params.greedy:  # leave the sampling flags unset: transformers warns about them when do_sample=False
             return GenerationConfig(do_sample=False, **common)
-        return GenerationConfig(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k, **common)
+        return GenerationConfig(do_sample=True, temperature=temperature, top_p=params.top_p, top_k=params.top_k,
+                                **common)
 
     @staticmethod
     def _generate_chunk(

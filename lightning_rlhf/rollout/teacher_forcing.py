@@ -26,6 +26,30 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
         return False
 
 
+def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
+    """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens."""
+    t = rollout.response_ids.shape[1]
+    kwargs = {}
+    if _accepts_logits_to_keep(model):
+        kwargs["logits_to_keep"] = t + 1  # positions P-1 .. P+T-1 of the P+T inputs
+    out = model(
+        input_ids=rollout.input_ids,
+        attention_mask=rollout.attention_mask,
+        position_ids=rollout.position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    logits = out.logits if hasattr(out, "logits") else out[0]
+    # The last T+1 positions are P-1 .. P+T-1 in both cases; drop P+T-1 (it predicts past the end).
+    logits = logits[:, -(t + 1) : -1] if t > 0 else logits[:, :0]
+    if logits.shape[1] != t:
+        raise ValueError(
+            f"model returned logits for {logits.shape[1]} response positions, expected {t}: the model's "
+            f"forward must return logits (N, P+T, V) or (N, T+1, V) with logits_to_keep"
+        )
+    return logits
+
+
 def sequence_logprobs(
     model: torch.nn.Module,
     rollout: Rollout,
@@ -47,26 +71,7 @@ def sequence_logprobs(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
-    t = rollout.response_ids.shape[1]
-    kwargs = {}
-    if _accepts_logits_to_keep(model):
-        kwargs["logits_to_keep"] = t + 1  # positions P-1 .. P+T-1 of the P+T inputs
-    out = model(
-        input_ids=rollout.input_ids,
-        attention_mask=rollout.attention_mask,
-        position_ids=rollout.position_ids,
-        use_cache=False,
-        **kwargs,
-    )
-    logits = out.logits if hasattr(out, "logits") else out[0]
-    # The last T+1 positions are P-1 .. P+T-1 in both cases; drop P+T-1 (it predicts past the end).
-    logits = logits[:, -(t + 1) : -1] if t > 0 else logits[:, :0]
-    if logits.shape[1] != t:
-        raise ValueError(
-            f"model returned logits for {logits.shape[1]} response positions, expected {t}: the model's "
-            f"forward must return logits (N, P+T, V) or (N, T+1, V) with logits_to_keep"
-        )
-    logits = logits.float() / temperature
+    logits = _response_logits(model, rollout).float() / temperature
     mask = rollout.response_mask > 0
     logprobs = torch.where(mask, logprobs_from_logits(logits, rollout.response_ids), 0.0)
     if not (return_entropy or return_logits):

@@ -124,7 +124,9 @@ def test_dr_grpo_no_std_scaling():
     expected = torch.tensor([2 / 3, -1 / 3, -1 / 3, 1.0, -1.0, 0.0])
     assert_close(group_advantages(r, 3, scale_by_std=False), expected)
     assert_close(dr_grpo_advantages(r, 3), expected)
-    assert_close(ADVANTAGE_ESTIMATORS.get("dr_grpo")(r, 3), expected)
+    # the registry entry takes per-token rewards (B, T) and a mask; one token per row here
+    adv, _ = ADVANTAGE_ESTIMATORS.get("dr_grpo")(r[:, None], torch.ones(6, 1), group_size=3)
+    assert_close(adv[:, 0], expected)
 
 
 def test_grpo_registry_entries():
@@ -133,9 +135,13 @@ def test_grpo_registry_entries():
     s = 1 / math.sqrt(2)
     expected = torch.tensor([-s, s, 0.0, 0.0])
     assert_close(grpo_advantages(r, 2, eps=0.0), expected)
-    assert_close(ADVANTAGE_ESTIMATORS.get("grpo")(r, 2), expected, atol=1e-5, rtol=1e-5)
-    assert ADVANTAGE_ESTIMATORS.get("gae") is gae_advantages
-    assert ADVANTAGE_ESTIMATORS.names() == ["dr_grpo", "gae", "grpo"]
+    adv, ret = ADVANTAGE_ESTIMATORS.get("grpo")(r[:, None], torch.ones(4, 1), group_size=2)
+    assert_close(adv[:, 0], expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(adv, ret)  # critic-free estimators: returns = advantages
+    adv, ret = ADVANTAGE_ESTIMATORS.get("gae")(REWARDS, MASK, values=VALUES, gamma=1.0, lam=0.5)
+    expected_adv, expected_ret = gae_advantages(REWARDS, VALUES, MASK, 1.0, 0.5)
+    assert torch.equal(adv, expected_adv) and torch.equal(ret, expected_ret)
+    assert ADVANTAGE_ESTIMATORS.names() == ["dr_grpo", "gae", "grpo", "reinforce++_baseline", "rloo"]
 
 
 def test_group_advantages_vectorised_matches_naive_loop():
@@ -167,5 +173,5 @@ def test_group_advantages_errors():
         group_advantages(torch.zeros(4), 1, scale_by_std=False)
     with pytest.raises(ValueError, match="1-D"):
         group_advantages(torch.zeros(2, 2), 2)
-    with pytest.raises(ValueError, match="dr_grpo, gae, grpo"):
+    with pytest.raises(ValueError, match="dr_grpo, gae, grpo, reinforce\\+\\+_baseline, rloo"):
         ADVANTAGE_ESTIMATORS.get("ppo")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from lightning_rlhf.functional import masked_mean, masked_sum, masked_var, masked_whiten
+from lightning_rlhf.functional import masked_mean, masked_sum, masked_var, masked_whiten, masked_whiten_all
 
 # x and mask used throughout: real tokens are 1, 2 (row 0) and 4 (row 1).
 X = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
@@ -103,3 +103,57 @@ def test_low_precision_inputs_are_reduced_in_float32():
 def test_shape_mismatch_names_both_shapes():
     with pytest.raises(ValueError, match=r"\(2, 2\).*\(2, 3\)"):
         masked_mean(X, torch.ones(2, 2))
+
+
+# ------------------------------------------------------------------------- whitening across ranks
+
+
+def _two_rank_whiten(x, mask, split, eps=1e-8):
+    """Run masked_whiten_all on rows [:split] and [split:] as two "ranks" sharing summed statistics."""
+    halves = [(x[:split], mask[:split]), (x[split:], mask[split:])]
+    local = []
+    for xh, mh in halves:  # pass 1: record each rank's local (sum, sum of squares, count)
+        masked_whiten_all(xh, mh, all_reduce=lambda t: local.append(t.clone()) or t, eps=eps)
+    summed = local[0] + local[1]  # what an all-reduce(SUM) would hand every rank
+    return [masked_whiten_all(xh, mh, all_reduce=lambda t: summed, eps=eps) for xh, mh in halves]
+
+
+def test_masked_whiten_all_without_all_reduce_is_masked_whiten():
+    torch.manual_seed(0)
+    x = torch.randn(4, 5)
+    m = (torch.arange(5)[None, :] < torch.tensor([5, 2, 1, 4])[:, None]).float()
+    assert torch.equal(masked_whiten_all(x, m), masked_whiten(x, m))
+    assert torch.equal(masked_whiten_all(x, m, eps=1e-3), masked_whiten(x, m, eps=1e-3))
+
+
+def test_masked_whiten_all_two_ranks_match_the_whole_batch():
+    torch.manual_seed(0)
+    x = torch.randn(6, 5) * 3 + 1
+    m = (torch.arange(5)[None, :] < torch.tensor([5, 2, 1, 4, 3, 5])[:, None]).float()
+    x[m == 0] = float("nan")  # padding garbage must not leak
+    whole = masked_whiten(x, m)
+    top, bottom = _two_rank_whiten(x, m, split=2)
+    assert_close(top, whole[:2], atol=1e-6, rtol=1e-6)
+    assert_close(bottom, whole[2:], atol=1e-6, rtol=1e-6)
+    assert top.dtype == torch.float32 and (top[m[:2] == 0] == 0).all()
+
+
+def test_masked_whiten_all_hand_example():
+    # real tokens 1, 2 (rank 0) and 3, 6 (rank 1): n = 4, sum = 12, mean 3
+    # sum of squares 1 + 4 + 9 + 36 = 50 -> population var 50/4 - 9 = 3.5 -> unbiased 3.5 * 4/3 = 14/3
+    x = torch.tensor([[1.0, 2.0, 7.0], [3.0, 6.0, 7.0]])
+    m = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    s = math.sqrt(14 / 3)
+    top, bottom = _two_rank_whiten(x, m, split=1, eps=0.0)
+    assert_close(top, torch.tensor([[-2 / s, -1 / s, 0.0]]))
+    assert_close(bottom, torch.tensor([[0.0, 3 / s, 0.0]]))
+
+
+def test_masked_whiten_all_dtype_and_errors():
+    x64 = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    out = masked_whiten_all(x64, torch.ones(1, 2), all_reduce=lambda t: t)
+    assert out.dtype == torch.float64
+    xbf = torch.tensor([[1.0, 2.0]], dtype=torch.bfloat16)
+    assert masked_whiten_all(xbf, torch.ones(1, 2), all_reduce=lambda t: t).dtype == torch.float32
+    with pytest.raises(ValueError, match="at least 2 real tokens across all ranks"):
+        masked_whiten_all(x64, torch.tensor([[1.0, 0.0]]), all_reduce=lambda t: t)

@@ -1,0 +1,288 @@
+"""`RLStage`: the base of the RL stages (GRPO, PPO). It owns everything they share:
+
+  - loading the policy, its tokenizer and (only when `loss.beta` > 0) a frozen reference model;
+  - the rollout-and-score step: sample `rollout.num_generations` responses per prompt, score them with
+    the weighted `rewards`; the reference's log-probs under no_grad, `optim.micro_batch_size` at a time;
+  - advantages by the estimator named in `advantage.estimator` (optionally whitened across ranks);
+  - the policy loss named in `loss.name`, on one micro-batch;
+  - one mini/micro-batch iterator over a rollout (`micro_batches`) and the optimizer step that advances
+    `global_step` once per rollout (`algorithms/optim.py`);
+  - greedy validation on held-out prompts (val/accuracy, val/reward, val/response_length), the plan
+    printout before training, the optimizer and its schedule, export (from `Stage`).
+GRPO and PPO add their numbered `training_step`, and PPO its critic. Simplified: the sampling log-probs
+serve as the "old" policy (dropout is disabled so a teacher-forced pass reproduces them).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor
+
+from lightning_rlhf.algorithms.metrics import Means
+from lightning_rlhf.algorithms.optim import as_list, step
+from lightning_rlhf.algorithms.options import (
+    AdvantageOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
+)
+from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
+from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
+from lightning_rlhf.algorithms.stage import Stage, generate_text
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.functional import (
+    ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_whiten_all,
+)
+from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
+from lightning_rlhf.models.chat import encode_prompts
+from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
+from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
+
+
+@dataclass
+class MicroBatch:
+    """Rows `idx` of a rollout (`part`), their loss weight in the mini-batch, and where they stand."""
+
+    idx: Tensor
+    part: Rollout
+    weight: Tensor | float
+    tokens: Tensor
+    epoch: int
+    ends_minibatch: bool
+    ends_epoch: bool
+    last: bool
+
+
+def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str) -> Iterator[MicroBatch]:
+    """`epochs` passes over `ro`, each in a fresh random order, cut into mini-batches of `mini` rows (one
+    optimizer step each) and micro-batches of `micro` rows (one backward each). A micro-batch's weight makes
+    the accumulated gradient that of the whole mini-batch: its share of real tokens for token-mean, its
+    share of rows for the per-sequence aggregations."""
+    n = len(ro)
+    for epoch in range(epochs):
+        batches = torch.randperm(n, device=ro.response_ids.device).split(mini)
+        for k, mb_idx in enumerate(batches):
+            mb_tokens = ro.response_mask[mb_idx].sum().clamp(min=1)
+            parts = mb_idx.split(micro)
+            for j, idx in enumerate(parts):
+                part = ro.select(idx)
+                tokens = part.response_mask.sum()
+                weight = tokens / mb_tokens if agg == "token-mean" else len(idx) / len(mb_idx)
+                end_mb = j == len(parts) - 1
+                end_epoch = end_mb and k == len(batches) - 1
+                yield MicroBatch(idx, part, weight, tokens, epoch, end_mb, end_epoch, end_epoch and epoch == epochs - 1)
+
+
+def repeat_columns(batch: dict[str, list], g: int) -> tuple[list[str], dict[str, list]]:
+    """Repeat every prompt and column value g times consecutively (rows i*g .. i*g+g-1 = prompt i)."""
+    rep = {k: [v for v in vals for _ in range(g)] for k, vals in batch.items()}
+    return rep.pop("prompt"), rep
+
+
+def rollout_metrics(ro: Rollout, rewards: RewardOutput, rollout_s: float, update_s: float) -> dict[str, float]:
+    """The reward/length/timing metrics every RL stage logs for a step."""
+    total, lengths = rewards.total.float(), ro.response_lengths.float()
+    m = {
+        "train/reward": float(total.mean()),
+        "train/reward_std": float(total.std()) if total.numel() > 1 else 0.0,
+        "train/response_length": float(lengths.mean()),
+        "train/truncated_fraction": float(ro.truncated.float().mean()),
+        "train/reward_errors": float(rewards.errors),
+        "perf/rollout_s": rollout_s,
+        "perf/update_s": update_s,
+        "perf/tokens_per_s": float(lengths.sum()) / max(rollout_s + update_s, 1e-9),
+    }
+    m.update({f"train/rewards/{name}": float(v.float().mean()) for name, v in rewards.per_reward.items()})
+    return m
+
+
+def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """Set every dropout probability to 0, so train-mode forwards match the sampling (eval) forwards."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if cfg is not None and isinstance(getattr(cfg, key, None), float):
+            setattr(cfg, key, 0.0)
+    return model
+
+
+def load_policy_and_ref(policy: str, ref_model: str | None, beta: float, produced_by: str | None,
+                        gguf_file: str | None, dtype: str) -> tuple[Any, Any, Any]:
+    """The trainable policy (dropout off), its tokenizer and, only when beta > 0, a frozen reference."""
+    require_checkpoint(policy, produced_by)
+    tokenizer = load_tokenizer(policy)
+    model = disable_dropout(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype)).train()
+    ref = None
+    if beta > 0:
+        ref_path = ref_model or policy
+        require_checkpoint(ref_path, produced_by)
+        ref = disable_dropout(load_causal_lm(ref_path, gguf_file=gguf_file if ref_model is None else None, dtype=dtype))
+        ref.eval().requires_grad_(False)
+    return model, ref, tokenizer
+
+
+def check_names(advantage: AdvantageOptions, loss: LossOptions, optim: OptimOptions) -> None:
+    """Fail at construction, listing the valid names, on a misspelt registry name or an impossible count."""
+    ADVANTAGE_ESTIMATORS.get(advantage.estimator), POLICY_LOSSES.get(loss.name)
+    KL_ESTIMATORS.get(loss.kl_kind), LOSS_AGGREGATIONS.get(loss.agg), LR_SCHEDULES.get(optim.lr_schedule)
+    if optim.epochs < 1:
+        raise ConfigError(f"optim.epochs={optim.epochs}: need at least one pass over each rollout")
+
+
+class RLStage(Stage):
+    """Shared machinery of the RL stages (see the module docstring).
+
+    Args:
+        policy: HF model id or local dir of the policy to train (the reference defaults to it).
+        rewards: weighted reward functions by name, e.g. {accuracy: 1.0, format: 0.2}.
+        ref_model: HF id or dir of the frozen reference (default: `policy`).
+        output_dir: where the trained policy is written (HF format) at the end; None skips it.
+        produced_by: the recipe that writes `policy`, named in the error when it is missing.
+        gguf_file: load `policy` from this GGUF file inside its dir.
+        dtype: weights dtype (float32, bfloat16, float16).
+        rollout: sampling options.
+        advantage: advantage estimator options.
+        loss: policy loss options.
+        optim: passes, mini/micro-batches, gradient clipping and LR schedule per rollout.
+        optimizer: the policy's optimizer (any torch.optim class).
+        gradient_checkpointing: recompute activations in the backward pass to save memory.
+        val_accuracy_reward: reward whose 0/1 score is val/accuracy (the task's exact-answer check).
+        val_max_new_tokens: generation budget of validation (default: rollout.max_new_tokens).
+        val_on_start: validate before the first update (logged at step 0).
+    """
+
+    def __init__(
+        self,
+        policy: str,
+        rewards: dict[str, float] | list[dict[str, Any]] | None = None,
+        ref_model: str | None = None,
+        output_dir: str | None = None,
+        produced_by: str | None = None,
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        rollout: RolloutOptions = RolloutOptions(),
+        advantage: AdvantageOptions = AdvantageOptions(),
+        loss: LossOptions = LossOptions(),
+        optim: OptimOptions = OptimOptions(),
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
+        gradient_checkpointing: bool = False,
+        val_accuracy_reward: str = "accuracy",
+        val_max_new_tokens: int | None = None,
+        val_on_start: bool = True,
+    ) -> None:
+        super().__init__(optimizer, val_on_start, output_dir)
+        self.save_hyperparameters()
+        self.automatic_optimization = False
+        self.rollout_cfg, self.advantage_cfg = as_options(RolloutOptions, rollout), as_options(AdvantageOptions, advantage)
+        self.loss_cfg, self.optim_cfg = as_options(LossOptions, loss), as_options(OptimOptions, optim)
+        check_names(self.advantage_cfg, self.loss_cfg, self.optim_cfg)
+        self.val_max_new_tokens = val_max_new_tokens or self.rollout_cfg.max_new_tokens
+        self.policy_source, self.model_dtype, self.gradient_checkpointing = policy, dtype, gradient_checkpointing
+        self.reward_fn = CombinedReward(rewards if rewards is not None else {"accuracy": 1.0})
+        self.val_accuracy = build_reward(parse_reward_specs({val_accuracy_reward: 1.0})[0])
+        self.policy, self.ref, self.tokenizer = load_policy_and_ref(
+            policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype)
+        if gradient_checkpointing:
+            self.policy.gradient_checkpointing_enable()
+        self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(**self.rollout_cfg.engine_kwargs)
+
+    def trained_model(self) -> torch.nn.Module:
+        return self.policy
+
+    def lr_schedule(self) -> tuple[str, int]:
+        return self.optim_cfg.lr_schedule, self.optim_cfg.warmup_steps
+
+    # ---- steps of a rollout --------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout_and_score(self, batch: dict[str, list]) -> tuple[Rollout, RewardOutput]:
+        """Sample `num_generations` responses per prompt and score them with the weighted rewards."""
+        r, tok = self.rollout_cfg, self.tokenizer
+        ids, mask = encode_prompts(tok, batch["prompt"], r.max_prompt_length)
+        ro = self.engine.generate(
+            self.policy, ids.to(self.device), mask.to(self.device), num_generations=r.num_generations,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+        )
+        prompts, columns = repeat_columns(batch, ro.group_size)
+        return ro, self.reward_fn(prompts, ro.decode(tok), columns)
+
+    @torch.no_grad()
+    def reference_logprobs(self, ro: Rollout) -> Tensor | None:
+        """Log-probs of the rollout under the frozen reference, micro_batch_size responses per forward."""
+        if self.ref is None:
+            return None
+        idx = torch.arange(len(ro), device=ro.response_ids.device)
+        chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
+        return torch.cat([sequence_logprobs(self.ref, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
+
+    def all_reduce_sum(self) -> Callable[[Tensor], Tensor] | None:
+        """Element-wise sum over ranks for the estimators' batch statistics; None on one process."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        return lambda t: self.trainer.strategy.reduce(t, reduce_op="sum")
+
+    @torch.no_grad()
+    def advantages(self, rewards: Tensor, mask: Tensor, group_size: int,
+                   values: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(advantages, returns) (B, T) by `advantage.estimator` from per-token rewards, whitened if asked."""
+        a, reduce = self.advantage_cfg, self.all_reduce_sum()
+        adv, returns = ADVANTAGE_ESTIMATORS.get(a.estimator)(
+            rewards, mask, group_size=group_size, values=values, gamma=a.gamma, lam=a.lam, eps=a.eps,
+            all_reduce=reduce)
+        return (masked_whiten_all(adv, mask, reduce) if a.whiten else adv), returns
+
+    def micro_batches(self, ro: Rollout) -> Iterator[MicroBatch]:
+        o = self.optim_cfg
+        mini, micro = check_batch_sizes(len(ro), o.mini_batch_size, o.micro_batch_size)
+        return micro_batches(ro, o.epochs, mini, micro, self.loss_cfg.agg)
+
+    def policy_loss(self, part: Rollout, adv: Tensor, ref_logp: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
+        """The `loss.name` policy loss of one micro-batch (touches only the policy)."""
+        cfg = self.loss_cfg
+        logp, extra = sequence_logprobs(self.policy, part, self.rollout_cfg.temperature, return_entropy=True,
+                                        entropy_grad=cfg.ent_coef != 0)
+        return POLICY_LOSSES.get(cfg.name)(
+            logp, part.logprobs, adv, part.response_mask, ref_logp=ref_logp, entropy=extra["entropy"],
+            clip_low=cfg.clip_low, clip_high=cfg.clip_high, agg=cfg.agg,
+            max_len=cfg.max_len or self.rollout_cfg.max_new_tokens, beta=cfg.beta, kl_kind=cfg.kl_kind,
+            ent_coef=cfg.ent_coef)
+
+    def clip_and_step(self, opt: Any, max_norm: float | None, *, count: bool) -> None:
+        """Clip the gradient norm, step, zero; advance global_step only when `count` (once per rollout)."""
+        if max_norm:
+            self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+        step(self, opt, count=count)
+
+    def log_step(self, metrics: dict[str, float], batch: dict[str, list]) -> None:
+        """Log a rollout step's metrics and step the LR schedule(s) once."""
+        self.log_dict(metrics, on_step=True, batch_size=len(batch["prompt"]))
+        for sched in as_list(self.lr_schedulers()):
+            sched.step()
+
+    # ---- validation and the run around it ------------------------------------------------------------
+    def validate_batch(self, batch: dict[str, list]) -> None:
+        """Greedy completions of held-out prompts -> val/accuracy (exact task answer), val/reward, length."""
+        completions, lengths = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
+                                             max_new_tokens=self.val_max_new_tokens,
+                                             max_prompt_length=self.rollout_cfg.max_prompt_length)
+        columns = {k: v for k, v in batch.items() if k != "prompt"}
+        self.val_metrics.update("val/accuracy", self.val_accuracy(batch["prompt"], completions, **columns))
+        self.val_metrics.update("val/reward", self.reward_fn(batch["prompt"], completions, columns).total)
+        self.val_metrics.update("val/response_length", lengths)
+
+    def on_fit_start(self) -> None:
+        self.reward_fn.to(self.device)  # a reward model scores on the training device
+
+    def on_train_start(self) -> None:
+        lines = plan_lines(self, self.extra_plan_lines())
+        if self.trainer.is_global_zero:
+            print("\n".join(lines), flush=True)
+        super().on_train_start()
+
+    def extra_plan_lines(self) -> list[str]:
+        """Stage-specific lines of the plan printout."""
+        return []
+

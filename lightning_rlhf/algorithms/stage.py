@@ -1,0 +1,159 @@
+"""`Stage`: the LightningModule base every stage shares (SFT, reward model, GRPO, PPO).
+
+It owns the parts that are the same in all four:
+  - validation: before the first update (logged at step 0) and at every validation check, each batch
+    adding its values to `self.val_metrics` (`Means`, reduced across ranks), the result appended to
+    `eval_history`, which the run summary reads;
+  - the optimizer, built from the injected `optimizer` callable (any `torch.optim` class in YAML), with
+    the LR schedule of `lr_schedule()` over the run's optimizer steps;
+  - export of the trained model(s) as HF-format directories at the end of fit (global rank 0).
+A stage provides `validate_batch(batch)`, `trained_model()`, `lr_schedule()` and, if it writes more than
+one model, `exports()`. `SupervisedStage` adds the arguments SFT and the reward model share.
+Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+
+from lightning_rlhf.algorithms.metrics import Means
+from lightning_rlhf.algorithms.schedules import make_scheduler
+from lightning_rlhf.models import save_hf
+from lightning_rlhf.models.chat import encode_prompts
+
+OptimizerFn = Callable[[Any], torch.optim.Optimizer]
+
+
+def total_training_steps(trainer: Any) -> int:
+    """Scheduler steps the trainer will run (max_steps, or epochs x batches when max_steps is -1)."""
+    if trainer.max_steps and trainer.max_steps > 0:
+        return trainer.max_steps
+    return int(trainer.estimated_stepping_batches)
+
+
+def export_hf(model: Any, tokenizer: Any, output_dir: str | None, trainer: Any) -> Path | None:
+    """Save `model` and `tokenizer` as an HF-format directory on global rank 0; None when not written."""
+    if output_dir is None or (trainer is not None and not trainer.is_global_zero):
+        return None
+    return save_hf(model, tokenizer, Path(output_dir))
+
+
+@torch.no_grad()
+def generate_text(model: Any, tokenizer: Any, engine: Any, prompts: Sequence[str], *, max_new_tokens: int,
+                  max_prompt_length: int) -> tuple[list[str], torch.Tensor]:
+    """One greedy completion per prompt: (texts without special tokens, (N,) token lengths)."""
+    ids, mask = encode_prompts(tokenizer, prompts, max_prompt_length)
+    device = next(model.parameters()).device
+    ro = engine.generate(model, ids.to(device), mask.to(device), num_generations=1, max_new_tokens=max_new_tokens,
+                         greedy=True, temperature=1.0, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    return ro.decode(tokenizer), ro.response_lengths
+
+
+class Stage(LightningModule):
+    """Validation lifecycle, optimizer + schedule and export shared by every stage (see module docstring)."""
+
+    def __init__(self, optimizer: OptimizerFn, val_on_start: bool, output_dir: str | None) -> None:
+        super().__init__()
+        self.optimizer_fn = optimizer
+        self.val_on_start = val_on_start
+        self.output_dir = output_dir
+        self.val_metrics = Means()
+        self.eval_history: list[tuple[int, dict[str, float]]] = []
+        self.export_dir: Path | None = None
+
+    # ---- what a stage provides -----------------------------------------------------------------------
+    def validate_batch(self, batch: dict[str, list]) -> None:
+        raise NotImplementedError
+
+    def trained_model(self) -> torch.nn.Module:
+        raise NotImplementedError
+
+    def lr_schedule(self) -> tuple[str, int]:
+        """(schedule name, warmup steps) for the optimizer of `trained_model()`."""
+        raise NotImplementedError
+
+    def exports(self) -> list[tuple[torch.nn.Module, str | None]]:
+        """(model, output_dir) pairs written at the end of fit; the first is the stage's result."""
+        return [(self.trained_model(), self.output_dir)]
+
+    # ---- validation ----------------------------------------------------------------------------------
+    def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
+        self.validate_batch(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        metrics = self.val_metrics.compute()
+        if not self.trainer.sanity_checking:
+            # already reduced across ranks by `Means`; the mean of equal values is the value
+            self.log_dict(metrics, sync_dist=True)
+            self.eval_history.append((self.global_step, metrics))
+
+    def on_train_start(self) -> None:
+        self.validate_at_start()
+
+    def validate_at_start(self) -> None:
+        """Validate before the first update and log the result at step 0."""
+        trainer = self.trainer
+        if not self.val_on_start or not trainer.val_dataloaders:
+            return
+        model = self.trained_model()
+        model.eval()
+        for batch in trainer.val_dataloaders:
+            self.validate_batch(batch)
+        model.train()
+        metrics = self.val_metrics.compute()
+        if trainer.is_global_zero:
+            for logger in self.loggers:
+                logger.log_metrics(metrics, step=0)
+                logger.save()
+        self.eval_history.append((0, metrics))
+
+    # ---- optimizer and export ------------------------------------------------------------------------
+    def make_optimizer(self, fn: OptimizerFn, model: torch.nn.Module, schedule: tuple[str, int]) -> tuple[Any, Any]:
+        """(optimizer over `model`, its LR scheduler) for `total_training_steps` scheduler steps."""
+        opt = fn(model.parameters())
+        return opt, make_scheduler(opt, schedule[0], schedule[1], total_training_steps(self.trainer))
+
+    def configure_optimizers(self) -> Any:
+        opt, sched = self.make_optimizer(self.optimizer_fn, self.trained_model(), self.lr_schedule())
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_train_end(self) -> None:
+        written = [export_hf(model, self.tokenizer, out, self.trainer) for model, out in self.exports()]
+        self.export_dir = written[0]
+
+
+class SupervisedStage(Stage):
+    """What SFT and the reward model share: a start checkpoint, an optimizer with a schedule, a length cap.
+
+    Args:
+        output_dir: where the trained model is written (HF format) at the end; None skips it.
+        produced_by: the recipe that writes the start checkpoint, named in the error when it is missing.
+        optimizer: any torch.optim class (default AdamW, lr 1e-4, no weight decay).
+        lr_schedule: constant, linear or cosine, over the run's optimizer steps.
+        warmup_steps: linear warmup steps of the schedule.
+        max_length: tokens kept per training text (cut at the end).
+        val_on_start: validate before the first update (logged at step 0).
+    """
+
+    def __init__(
+        self,
+        output_dir: str | None = None,
+        produced_by: str | None = None,
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
+        lr_schedule: str = "cosine",
+        warmup_steps: int = 0,
+        max_length: int = 512,
+        val_on_start: bool = True,
+    ) -> None:
+        super().__init__(optimizer, val_on_start, output_dir)
+        self.save_hyperparameters()
+        self.produced_by, self.schedule, self.max_length = produced_by, (lr_schedule, warmup_steps), max_length
+
+    def lr_schedule(self) -> tuple[str, int]:
+        return self.schedule

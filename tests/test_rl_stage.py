@@ -1,0 +1,53 @@
+"""The mini/micro-batch iterator the RL stages share: every row once per epoch, weights that make the
+accumulated gradient the mini-batch's, and the flags that say when to step and when a rollout ends."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lightning_rlhf.algorithms.plan import check_batch_sizes
+from lightning_rlhf.algorithms.rl_stage import micro_batches
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.rollout import Rollout
+
+
+def _rollout(lengths: list[int], t: int = 4) -> Rollout:
+    n = len(lengths)
+    mask = torch.tensor([[1.0] * k + [0.0] * (t - k) for k in lengths])
+    return Rollout(prompt_ids=torch.ones(n, 2, dtype=torch.long), prompt_mask=torch.ones(n, 2),
+                   response_ids=torch.ones(n, t, dtype=torch.long), response_mask=mask,
+                   logprobs=torch.zeros(n, t), truncated=torch.zeros(n, dtype=torch.bool), group_size=1)
+
+
+def test_token_mean_weights_sum_to_one_per_minibatch_and_flags():
+    ro = _rollout([1, 2, 3, 4, 1, 2, 3, 4])
+    torch.manual_seed(0)
+    parts = list(micro_batches(ro, epochs=2, mini=4, micro=2, agg="token-mean"))
+    # 2 epochs x 8 rows / 2 rows per micro-batch = 8 micro-batches; a step after every second one
+    assert len(parts) == 8
+    assert [p.ends_minibatch for p in parts] == [False, True] * 4
+    assert [p.ends_epoch for p in parts] == [False, False, False, True] * 2
+    assert [p.last for p in parts] == [False] * 7 + [True]
+    for epoch in (0, 1):
+        rows = torch.cat([p.idx for p in parts if p.epoch == epoch])
+        assert sorted(rows.tolist()) == list(range(8))  # every row once per epoch
+    for k in range(0, 8, 2):  # token-mean: each micro-batch weighs its share of the mini-batch's real tokens
+        a, b = parts[k], parts[k + 1]
+        total = float(a.tokens + b.tokens)
+        assert float(a.weight) == pytest.approx(float(a.tokens) / total)
+        assert float(a.weight + b.weight) == pytest.approx(1.0)
+
+
+def test_sequence_aggregations_weigh_rows():
+    ro = _rollout([1, 4, 4, 4])
+    (a, b) = list(micro_batches(ro, epochs=1, mini=4, micro=2, agg="seq-mean-token-mean"))
+    assert (a.weight, b.weight) == (0.5, 0.5)  # 2 of the mini-batch's 4 rows each, whatever their lengths
+
+
+def test_batch_sizes_that_do_not_divide_are_named():
+    assert check_batch_sizes(8, None, None) == (8, 8)
+    with pytest.raises(ConfigError, match="mini_batch_size=3 does not divide the 8 responses"):
+        check_batch_sizes(8, 3, None)
+    with pytest.raises(ConfigError, match="micro_batch_size=3 does not divide mini_batch_size=4"):
+        check_batch_sizes(8, 4, 3)
