@@ -1,8 +1,8 @@
 """The effective plan of an RL stage, printed before training, and the batch-size check behind it.
 
-`plan_lines(stage, extra)` says per rollout step and rank: prompts x num_generations = responses, the
-mini/micro-batch split and optimizer steps, the token budget, the advantage estimator and policy loss,
-the rewards and the KL setting; `extra` lines come from the stage (PPO: its critic). The check fails
+`plan_lines(...)` says per rollout step and rank: prompts x num_generations = responses, the mini/micro-batch
+split and optimizer steps, the token budget, the advantage estimator and policy loss, the rewards and the KL
+setting; a stage appends lines of its own (PPO: its critic). The check fails
 before any rollout when mini/micro-batch sizes do not divide the responses of a step.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from lightning_rlhf.algorithms.options import LossOptions, OptimOptions, RolloutOptions
 from lightning_rlhf.errors import ConfigError
 
 
@@ -33,25 +34,23 @@ def prompts_per_step(trainer: Any) -> int | None:
     return prompts if isinstance(prompts, int) else None
 
 
-def plan_lines(stage: Any, extra: list[str]) -> list[str]:
-    """Check the batch sizes (ConfigError before any work), then describe one rollout step."""
-    trainer, r, o, loss = stage.trainer, stage.rollout_cfg, stage.optim_cfg, stage.loss_cfg
+def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions, loss: LossOptions,
+               estimator: str, rewards: list[str], has_ref: bool) -> list[str]:
+    """Check the batch sizes (ConfigError before any work), then describe one rollout step of `trainer`."""
     prompts = prompts_per_step(trainer)
     n = prompts * r.num_generations if prompts else None
     mini, micro = check_batch_sizes(n, o.mini_batch_size, o.micro_batch_size) if n else ("?", "?")
     steps = o.epochs * (n // mini) if n else "?"
     clip_high = loss.clip_low if loss.clip_high is None else loss.clip_high
     return [
-        f"[{type(stage).__name__}] plan per rollout step (per rank; {trainer.world_size} rank(s)):",
+        f"[{stage_name}] plan per rollout step (per rank; {trainer.world_size} rank(s)):",
         f"  prompts/step          {prompts or '?'} x num_generations {r.num_generations} = responses {n or '?'}",
         f"  mini-batches          {mini} responses, micro-batches {micro}",
         f"  optimizer steps       {steps} per rollout (optim.epochs {o.epochs}); "
         f"trainer.max_steps={trainer.max_steps} counts rollout steps",
         f"  tokens/step (max)     {(n or 0) * (r.max_prompt_length + r.max_new_tokens)} "
         f"(prompt <= {r.max_prompt_length}, response <= {r.max_new_tokens})",
-        f"  advantage, loss       {stage.advantage_cfg.estimator}; {loss.name} (clip {loss.clip_low}/{clip_high}, "
-        f"{loss.agg})",
-        f"  reward                {', '.join(stage.reward_fn.names)}; beta {loss.beta} ({loss.kl_kind}, "
-        f"{'reference loaded' if stage.ref is not None else 'no reference model'})",
-        *extra,
+        f"  advantage, loss       {estimator}; {loss.name} (clip {loss.clip_low}/{clip_high}, {loss.agg})",
+        f"  reward                {', '.join(rewards)}; beta {loss.beta} ({loss.kl_kind}, "
+        f"{'reference loaded' if has_ref else 'no reference model'})",
     ]

@@ -277,7 +277,9 @@ class RLStage(Stage):
         self.reward_fn.to(self.device)  # a reward model scores on the training device
 
     def on_train_start(self) -> None:
-        lines = plan_lines(self, self.extra_plan_lines())
+        lines = plan_lines(type(self).__name__, self.trainer, self.rollout_cfg, self.optim_cfg, self.loss_cfg,
+                           self.advantage_cfg.estimator, self.reward_fn.names, self.ref is not None)
+        lines += self.extra_plan_lines()
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
         super().on_train_start()
