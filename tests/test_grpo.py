@@ -172,3 +172,21 @@ def test_misspelt_registry_names_fail_at_construction(tiny_model_dir):
         GRPO(policy=str(tiny_model_dir), optim={"epochs": 0})
     with pytest.raises(ConfigError, match=r"LossOptions: unknown keys \['bta'\]"):
         GRPO(policy=str(tiny_model_dir), loss={"bta": 0.1})
+
+
+def test_old_logprobs_are_recomputed_when_sampling_precision_differs(tiny_model_dir, tmp_path):
+    def run(**kw):
+        module = GRPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, loss={"beta": 0.0}, val_on_start=False,
+                      rollout={"num_generations": 4, "max_new_tokens": 6, **kw.pop("rollout", {})}, **kw)
+        logged = {}
+        module.log_dict = lambda metrics, **_: logged.update(metrics)
+        _trainer(tmp_path).fit(module, train_dataloaders=_loader())
+        return module, logged
+
+    module, logged = run()  # float32 throughout: auto keeps the sampling log-probs
+    assert not module.recompute_old_logprobs() and "train/old_logprob_diff" not in logged
+    module, logged = run(optim={"old_logprobs": "recompute"})  # same precision: they agree to float32 rounding
+    assert logged["train/old_logprob_diff"] < 1e-5
+    module, logged = run(rollout={"dtype": "bfloat16"})  # bf16 sampling, fp32 training: auto recomputes
+    assert module.recompute_old_logprobs() and 1e-5 < logged["train/old_logprob_diff"] < 0.1
+    assert logged["train/clip_fraction"] == 0.0  # with the recomputed old log-probs the first ratio is 1

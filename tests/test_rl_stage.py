@@ -51,3 +51,15 @@ def test_batch_sizes_that_do_not_divide_are_named():
         check_batch_sizes(8, 3, None)
     with pytest.raises(ConfigError, match="micro_batch_size=3 does not divide mini_batch_size=4"):
         check_batch_sizes(8, 4, 3)
+
+
+def test_groups_stay_together_when_the_batch_sizes_hold_whole_groups():
+    ro = _rollout([1, 2, 3, 4] * 4)
+    ro.group_size = 4  # rows 4i .. 4i+3 answer prompt i
+    torch.manual_seed(0)
+    parts = list(micro_batches(ro, epochs=1, mini=8, micro=4, agg="token-mean"))
+    for p in parts:  # each micro-batch is one whole group, so its rows share one prompt forward
+        assert sorted((p.idx // 4).tolist()) == [int(p.idx[0]) // 4] * 4
+    assert sorted(torch.cat([p.idx for p in parts]).tolist()) == list(range(16))
+    mixed = list(micro_batches(ro, epochs=1, mini=8, micro=2, agg="token-mean"))  # 2 does not hold a group
+    assert sorted(torch.cat([p.idx for p in mixed]).tolist()) == list(range(16))

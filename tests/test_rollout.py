@@ -45,12 +45,11 @@ def prompts() -> tuple[torch.Tensor, torch.Tensor]:
     return ids, (ids != PAD).long()
 
 
-def generate(model, **kw) -> Rollout:
+def generate(model, engine: str = "hf", **kw) -> Rollout:
     ids, mask = prompts()
     args = dict(num_generations=4, max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD)
     args.update(kw)
-    engine = HFGenerateEngine(max_batch_size=args.pop("max_batch_size", None))
-    return engine.generate(model, ids, mask, **args)
+    return ROLLOUT_ENGINES.get(engine)(max_batch_size=args.pop("max_batch_size", None)).generate(model, ids, mask, **args)
 
 
 # ----- 1. parity: sampling-time logprobs == teacher-forced logprobs ---------------------------------
@@ -65,10 +64,11 @@ def generate(model, **kw) -> Rollout:
         dict(temperature=0.7, max_batch_size=5),  # 12 rows in chunks of 5, 5, 2
     ],
 )
-def test_engine_logprobs_match_teacher_forcing(kw):
+@pytest.mark.parametrize("engine", ["hf", "static"])
+def test_engine_logprobs_match_teacher_forcing(kw, engine):
     model = tiny_model(eos_bias=2.0)  # eos ~10% per step: rows of different lengths, some truncated
     torch.manual_seed(1)
-    r = generate(model, **kw)
+    r = generate(model, engine, **kw)
     temp = 1.0 if kw.get("greedy") else kw["temperature"]
     with torch.no_grad():
         tf = sequence_logprobs(model, r, temperature=temp)

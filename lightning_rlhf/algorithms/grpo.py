@@ -1,7 +1,8 @@
 """GRPO (DeepSeekMath, Shao et al. 2024): critic-free RL with group-normalised advantages.
 
 Each training step, in order:
-  1. rollout: sample G = `rollout.num_generations` responses per prompt (log-probs kept from sampling);
+  1. rollout: sample G = `rollout.num_generations` responses per prompt (log-probs kept from sampling, or
+     recomputed teacher-forced when sampling and training precisions differ: `optim.old_logprobs`);
   2. reward: score them with the weighted `rewards`; each score sits on its response's last token;
   3. advantage: `advantage.estimator` over each group of G (grpo: (r - mean) / (std + eps); dr_grpo, rloo
      and reinforce++_baseline by name), broadcast over the response's tokens;
@@ -9,8 +10,9 @@ Each training step, in order:
      responses (gradient accumulation over `optim.micro_batch_size`), minimising `loss.name` (grpo:
      clipped surrogate + beta * KL(k3) to a frozen reference, which is not loaded when beta = 0).
 `trainer.max_steps` counts rollout steps (see `algorithms/optim.py`); the LR schedule steps once per
-rollout step. Everything but these steps is `RLStage`'s. Simplified: the sampling log-probs serve as
-the "old" policy (the rollout-parity test shows they equal a teacher-forced pass; dropout is disabled).
+rollout step. Everything but these steps is `RLStage`'s. Simplified: in one precision the sampling
+log-probs serve as the "old" policy (the rollout-parity test shows they equal a teacher-forced pass; dropout
+is disabled).
 """
 
 from __future__ import annotations
@@ -46,13 +48,14 @@ class GRPO(RLStage):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         t0 = time.perf_counter()
         ro, rewards = self.rollout_and_score(batch)                                              # 1-2
+        ro, old_stats = self.old_logprobs(ro)
         scores = rewards.total.to(self.device)
         adv, _ = self.advantages(outcome_rewards(scores, ro.response_mask), ro.response_mask,     # 3
                                  ro.group_size)
         ref_logp = self.reference_logprobs(ro)
         t1 = time.perf_counter()
         stats = self.update(ro, adv, ref_logp)                                                    # 4
-        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **stats}
+        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **old_stats, **stats}
         groups = scores.view(-1, ro.group_size)
         metrics["train/frac_zero_std_groups"] = float((groups.std(dim=1, unbiased=True) < 1e-8).float().mean())
         self.log_step(metrics, batch)

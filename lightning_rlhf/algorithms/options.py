@@ -30,22 +30,29 @@ class RolloutOptions:
     Args:
         num_generations: responses sampled per prompt (the group size G; consecutive rows of a rollout).
         max_new_tokens: response budget in tokens; a response without eos by then counts as truncated.
+        min_new_tokens: eos cannot be sampled before this many tokens (as HF generate's option; benchmarks
+            use it to force equal lengths).
         max_prompt_length: prompt tokens kept (cut from the left).
         temperature: sampling temperature; the loss scores the policy at the same temperature.
         top_p: nucleus sampling (1.0 disables it).
         top_k: top-k sampling (0 disables it).
-        engine: rollout engine by name (`ROLLOUT_ENGINES`, e.g. "hf").
+        engine: rollout engine by name (`ROLLOUT_ENGINES`): static (fast, Llama-family models; others fall
+            back to hf) or hf (`generate`).
         engine_kwargs: settings passed to the engine's constructor (e.g. max_batch_size).
+        dtype: sampling precision (float32, bfloat16, float16; None: the policy's). `python -m lightning_rlhf
+            doctor` says which is faster on this machine.
     """
 
     num_generations: int = 8
     max_new_tokens: int = 128
+    min_new_tokens: int = 0
     max_prompt_length: int = 256
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
-    engine: str = "hf"
+    engine: str = "static"
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,9 @@ class OptimOptions:
         max_grad_norm: gradient-norm clipping per optimizer step (None: off).
         lr_schedule: constant, linear or cosine, over trainer.max_steps rollout steps.
         warmup_steps: linear warmup steps of the schedule.
+        old_logprobs: the "old" log-probs of the ratio: sampling (kept while sampling), recompute (a no-grad
+            teacher-forced pass before the update, as verl) or auto (recompute when sampling and training
+            precisions differ, where the sampling-time numbers would make the ratio != 1).
     """
 
     epochs: int = 1
@@ -113,6 +123,7 @@ class OptimOptions:
     max_grad_norm: float | None = 1.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
+    old_logprobs: str = "auto"
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,8 @@
 """PPO as in InstructGPT (Ouyang et al. 2022), in miniature: a policy and a learned critic, KL in the reward.
 
 Each training step, in order:
-  1. rollout: sample `rollout.num_generations` responses per prompt (default 1);
+  1. rollout: sample `rollout.num_generations` responses per prompt (default 1); old log-probs from
+     sampling, or recomputed when precisions differ (`optim.old_logprobs`);
   2. score: the weighted `rewards` (a trained `reward_model` with `path:`, rule rewards, or both), then
      optionally whitened over the batch across ranks (`score_norm`) and clipped to +-`score_clip`;
   3. per-token rewards: r_t = -beta * kl_t on every real token (kl of kind `loss.kl_kind`, k1 as in
@@ -61,7 +62,7 @@ class PPO(RLStage):
     def __init__(
         self,
         critic: CriticOptions = CriticOptions(),
-        critic_optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
+        critic_optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0, fused=True),
         rollout: RolloutOptions = RolloutOptions(num_generations=1),
         advantage: AdvantageOptions = AdvantageOptions(estimator="gae", whiten=True),
         loss: LossOptions = LossOptions(name="ppo_clip", beta=0.05, kl_kind="k1"),
@@ -126,11 +127,12 @@ class PPO(RLStage):
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
         t0 = time.perf_counter()
         ro, rewards = self.rollout_and_score(batch)                                                  # 1-2
+        ro, old_stats = self.old_logprobs(ro)
         kl_coef = self.kl_coef                                                                        # used in 3
         targets = self.compute_targets(ro, rewards.total.to(self.device))                             # 3-5
         t1 = time.perf_counter()
         stats = self.update(ro, targets["advantages"], targets["old_values"], targets["returns"])     # 6
-        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **stats}
+        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **old_stats, **stats}
         metrics["train/kl_coef"] = kl_coef
         metrics.update(self.adapt_kl_coef(targets["kl"], ro.response_mask))                          # 7
         mask, values, returns = ro.response_mask, targets["old_values"], targets["returns"]

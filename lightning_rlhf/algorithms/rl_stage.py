@@ -15,11 +15,13 @@ serve as the "old" policy (dropout is disabled so a teacher-forced pass reproduc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor
 
 from lightning_rlhf.algorithms.metrics import Means
@@ -28,16 +30,20 @@ from lightning_rlhf.algorithms.options import (
     AdvantageOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
 )
 from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
+from lightning_rlhf.algorithms.runtime import keep_freed_memory
 from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
 from lightning_rlhf.algorithms.stage import Stage, generate_text
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.functional import (
-    ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_whiten_all,
+    ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_mean, masked_whiten_all,
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
+
+
+OLD_LOGPROBS = ("auto", "sampling", "recompute")
 
 
 @dataclass
@@ -56,12 +62,19 @@ class MicroBatch:
 
 def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str) -> Iterator[MicroBatch]:
     """`epochs` passes over `ro`, each in a fresh random order, cut into mini-batches of `mini` rows (one
-    optimizer step each) and micro-batches of `micro` rows (one backward each). A micro-batch's weight makes
+    optimizer step each) and micro-batches of `micro` rows (one backward each). When both sizes hold whole
+    groups, groups are shuffled as units, so the rows of one prompt stay in one micro-batch. A micro-batch's weight makes
     the accumulated gradient that of the whole mini-batch: its share of real tokens for token-mean, its
     share of rows for the per-sequence aggregations."""
-    n = len(ro)
+    n, g = len(ro), ro.group_size
+    whole_groups = g > 1 and mini % g == 0 and micro % g == 0
     for epoch in range(epochs):
-        batches = torch.randperm(n, device=ro.response_ids.device).split(mini)
+        if whole_groups:  # shuffle groups, keep each together: its rows share one prompt forward
+            order = torch.randperm(n // g, device=ro.response_ids.device)
+            perm = (order[:, None] * g + torch.arange(g, device=order.device)).reshape(-1)
+        else:
+            perm = torch.randperm(n, device=ro.response_ids.device)
+        batches = perm.split(mini)
         for k, mb_idx in enumerate(batches):
             mb_tokens = ro.response_mask[mb_idx].sum().clamp(min=1)
             parts = mb_idx.split(micro)
@@ -110,7 +123,7 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_policy_and_ref(policy: str, ref_model: str | None, beta: float, produced_by: str | None,
-                        gguf_file: str | None, dtype: str) -> tuple[Any, Any, Any]:
+                        gguf_file: str | None, dtype: str, ref_dtype: str | None = None) -> tuple[Any, Any, Any]:
     """The trainable policy (dropout off), its tokenizer and, only when beta > 0, a frozen reference."""
     require_checkpoint(policy, produced_by)
     tokenizer = load_tokenizer(policy)
@@ -119,7 +132,8 @@ def load_policy_and_ref(policy: str, ref_model: str | None, beta: float, produce
     if beta > 0:
         ref_path = ref_model or policy
         require_checkpoint(ref_path, produced_by)
-        ref = disable_dropout(load_causal_lm(ref_path, gguf_file=gguf_file if ref_model is None else None, dtype=dtype))
+        ref = disable_dropout(load_causal_lm(ref_path, gguf_file=gguf_file if ref_model is None else None,
+                                             dtype=ref_dtype or dtype))
         ref.eval().requires_grad_(False)
     return model, ref, tokenizer
 
@@ -130,6 +144,8 @@ def check_names(advantage: AdvantageOptions, loss: LossOptions, optim: OptimOpti
     KL_ESTIMATORS.get(loss.kl_kind), LOSS_AGGREGATIONS.get(loss.agg), LR_SCHEDULES.get(optim.lr_schedule)
     if optim.epochs < 1:
         raise ConfigError(f"optim.epochs={optim.epochs}: need at least one pass over each rollout")
+    if optim.old_logprobs not in OLD_LOGPROBS:
+        raise ConfigError(f"optim.old_logprobs={optim.old_logprobs!r} is not one of {list(OLD_LOGPROBS)}")
 
 
 class RLStage(Stage):
@@ -143,6 +159,8 @@ class RLStage(Stage):
         produced_by: the recipe that writes `policy`, named in the error when it is missing.
         gguf_file: load `policy` from this GGUF file inside its dir.
         dtype: weights dtype (float32, bfloat16, float16).
+        ref_dtype: the frozen reference's weights dtype (None: `dtype`); bfloat16 halves its memory and, on a
+            CPU with native bf16, its forward time, at the cost of reference log-probs ~1e-2 off.
         rollout: sampling options.
         advantage: advantage estimator options.
         loss: policy loss options.
@@ -163,11 +181,12 @@ class RLStage(Stage):
         produced_by: str | None = None,
         gguf_file: str | None = None,
         dtype: str = "float32",
+        ref_dtype: str | None = None,
         rollout: RolloutOptions = RolloutOptions(),
         advantage: AdvantageOptions = AdvantageOptions(),
         loss: LossOptions = LossOptions(),
         optim: OptimOptions = OptimOptions(),
-        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0, fused=True),
         gradient_checkpointing: bool = False,
         val_accuracy_reward: str = "accuracy",
         val_max_new_tokens: int | None = None,
@@ -184,10 +203,11 @@ class RLStage(Stage):
         self.reward_fn = CombinedReward(rewards if rewards is not None else {"accuracy": 1.0})
         self.val_accuracy = build_reward(parse_reward_specs({val_accuracy_reward: 1.0})[0])
         self.policy, self.ref, self.tokenizer = load_policy_and_ref(
-            policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype)
+            policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(**self.rollout_cfg.engine_kwargs)
+        self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(
+            **{"dtype": self.rollout_cfg.dtype, **self.rollout_cfg.engine_kwargs})
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
@@ -203,11 +223,33 @@ class RLStage(Stage):
         ids, mask = encode_prompts(tok, batch["prompt"], r.max_prompt_length)
         ro = self.engine.generate(
             self.policy, ids.to(self.device), mask.to(self.device), num_generations=r.num_generations,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+            top_p=r.top_p, top_k=r.top_k,
             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
         )
         prompts, columns = repeat_columns(batch, ro.group_size)
         return ro, self.reward_fn(prompts, ro.decode(tok), columns)
+
+    def recompute_old_logprobs(self) -> bool:
+        """optim.old_logprobs, with auto resolved: recompute when sampling and training precisions differ."""
+        mode = self.optim_cfg.old_logprobs
+        if mode != "auto":
+            return mode == "recompute"
+        sampling = self.rollout_cfg.dtype
+        mixed = self._trainer is not None and "mixed" in str(self.trainer.precision)
+        return mixed or (sampling is not None and getattr(torch, sampling) != next(self.policy.parameters()).dtype)
+
+    @torch.no_grad()
+    def old_logprobs(self, ro: Rollout) -> tuple[Rollout, dict[str, float]]:
+        """The rollout with its "old" log-probs recomputed by a teacher-forced pass when `recompute_old_logprobs`,
+        and train/old_logprob_diff = mean |sampling - recomputed| over real tokens; unchanged otherwise."""
+        if not self.recompute_old_logprobs():
+            return ro, {}
+        idx = torch.arange(len(ro), device=ro.response_ids.device)
+        chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
+        fresh = torch.cat([sequence_logprobs(self.policy, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
+        diff = float(masked_mean((fresh - ro.logprobs).abs(), ro.response_mask))
+        return replace(ro, logprobs=fresh), {"train/old_logprob_diff": diff}
 
     @torch.no_grad()
     def reference_logprobs(self, ro: Rollout) -> Tensor | None:
@@ -253,7 +295,12 @@ class RLStage(Stage):
     def clip_and_step(self, opt: Any, max_norm: float | None, *, count: bool) -> None:
         """Clip the gradient norm, step, zero; advance global_step only when `count` (once per rollout)."""
         if max_norm:
-            self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+            plugin = self.trainer.precision_plugin
+            if type(plugin) is MixedPrecision and plugin.scaler is None:
+                # bf16-mixed: no loss scaling to undo, but Lightning refuses to clip for fused optimizers
+                Precision.clip_gradients(plugin, opt, max_norm, GradClipAlgorithmType.NORM)
+            else:
+                self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         step(self, opt, count=count)
 
     def log_step(self, metrics: dict[str, float], batch: dict[str, list]) -> None:
@@ -275,6 +322,8 @@ class RLStage(Stage):
 
     def on_fit_start(self) -> None:
         self.reward_fn.to(self.device)  # a reward model scores on the training device
+        if self.device.type == "cpu":
+            keep_freed_memory()
 
     def on_train_start(self) -> None:
         lines = plan_lines(type(self).__name__, self.trainer, self.rollout_cfg, self.optim_cfg, self.loss_cfg,

@@ -14,7 +14,7 @@ from lightning_rlhf.functional.advantages import (
     rloo_advantages,
 )
 from lightning_rlhf.functional.kl import kl_penalty
-from lightning_rlhf.functional.logprobs import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.functional.logprobs import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from lightning_rlhf.functional.losses import aggregate, bradley_terry_loss, grpo_loss, policy_loss, value_loss
 from lightning_rlhf.functional.masked import masked_mean, masked_sum, masked_var, masked_whiten, masked_whiten_all
 from lightning_rlhf.functional.policy_losses import PolicyLossOptions  # noqa: F401  (fills POLICY_LOSSES)
@@ -31,7 +31,7 @@ __all__ = [
     # masked reductions
     "masked_mean", "masked_sum", "masked_var", "masked_whiten", "masked_whiten_all",
     # log-probs, KL
-    "entropy_from_logits", "logprobs_from_logits", "kl_penalty",
+    "entropy_from_logits", "logprobs_and_entropy", "logprobs_from_logits", "kl_penalty",
     # advantages
     "dr_grpo_advantages", "gae_advantages", "group_advantages", "grpo_advantages",
     "reinforce_pp_baseline_advantages", "rloo_advantages",

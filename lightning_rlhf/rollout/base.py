@@ -161,6 +161,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0
     greedy: bool = False
+    min_new_tokens: int = 0
 
     @property
     def eos_ids(self) -> list[int]:
@@ -226,6 +227,8 @@ def _check_sampling(p: SamplingParams) -> None:
         raise ValueError(f"num_generations must be >= 1, got {p.num_generations}")
     if p.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {p.max_new_tokens}")
+    if not 0 <= p.min_new_tokens <= p.max_new_tokens:
+        raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={p.max_new_tokens}], got {p.min_new_tokens}")
     if not p.greedy:
         if not p.temperature > 0:
             raise ValueError(f"temperature must be > 0 for sampling, got {p.temperature}; use greedy=True for argmax")

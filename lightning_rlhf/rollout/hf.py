@@ -63,10 +63,11 @@ def _right_pad(x: Tensor, width: int, value: float | int) -> Tensor:
 class HFGenerateEngine(RolloutEngine):
     """Rollouts with `model.generate`; max_batch_size caps the rows per generate call (None: all)."""
 
-    def __init__(self, max_batch_size: int | None = None) -> None:
+    def __init__(self, max_batch_size: int | None = None, dtype: str | None = None) -> None:
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
         self.max_batch_size = max_batch_size
+        self.dtype = None if dtype is None else getattr(torch, dtype)  # sampled under autocast to it
 
     def _generate(self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,
                   params: SamplingParams) -> Rollout:
@@ -82,7 +83,9 @@ class HFGenerateEngine(RolloutEngine):
         mask = prompt_mask.long().repeat_interleave(g, dim=0)
         step = self.max_batch_size or ids.shape[0]
         chunks = []
-        with _generation_mode(model):
+        cast = self.dtype is not None and self.dtype != next(model.parameters()).dtype
+        device = next(model.parameters()).device.type
+        with _generation_mode(model), torch.autocast(device, dtype=self.dtype, enabled=cast):
             for s in range(0, ids.shape[0], step):
                 chunks.append(self._generate_chunk(model, ids[s : s + step], mask[s : s + step], config, temperature))
         width = max(c[0].shape[1] for c in chunks)
@@ -103,6 +106,8 @@ class HFGenerateEngine(RolloutEngine):
     def _generation_config(params: SamplingParams, temperature: float, eos: list[int]) -> GenerationConfig:
         common = dict(max_new_tokens=params.max_new_tokens, eos_token_id=eos, pad_token_id=params.pad_token_id,
                       return_dict_in_generate=True, output_logits=True, use_cache=True, num_beams=1)
+        if params.min_new_tokens:
+            common["min_new_tokens"] = params.min_new_tokens
         if params.greedy:  # leave the sampling flags unset: transformers warns about them when do_sample=False
             return GenerationConfig(do_sample=False, **common)
         return GenerationConfig(do_sample=True, temperature=temperature, top_p=params.top_p, top_k=params.top_k,

@@ -15,19 +15,59 @@ import inspect
 import torch
 from torch import Tensor
 
-from lightning_rlhf.functional import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from lightning_rlhf.rollout.base import Rollout
 
 
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+def _forward_params(model: torch.nn.Module) -> set[str]:
     try:
-        return "logits_to_keep" in inspect.signature(model.forward).parameters
+        return set(inspect.signature(model.forward).parameters)
     except (TypeError, ValueError):
-        return False
+        return set()
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    return "logits_to_keep" in _forward_params(model)
+
+
+def _checkpointing(model: torch.nn.Module) -> bool:
+    flag = getattr(model, "is_activation_checkpointing", None)  # transformers 5; older: is_gradient_checkpointing
+    return bool(getattr(model, "is_gradient_checkpointing", False) if flag is None else flag)
+
+
+def _shared_prompt_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
+    """The logits of `_response_logits`, with each distinct prompt run through the model once.
+
+    Rows that sample from the same prompt (GRPO's groups) share its keys and values: one forward over the
+    distinct prompts with a cache, the cache rows copied to the rows that use them (differentiably, so the
+    gradient reaches the prompt positions from every row), then one forward over the responses. None when
+    every prompt is distinct, the model cannot take a cache (gradient checkpointing) or T < 2.
+    """
+    t, p = ro.response_ids.shape[1], ro.prompt_ids.shape[1]
+    params = _forward_params(model)
+    cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
+    if t < 2 or "logits_to_keep" not in params or cache_arg not in params or _checkpointing(model):
+        return None
+    keys = torch.cat([ro.prompt_ids, ro.prompt_mask.long()], dim=1)
+    distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+    if distinct.shape[0] == len(ro):
+        return None
+    ids, mask = distinct[:, :p], distinct[:, p:]
+    head = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
+                 use_cache=True, logits_to_keep=1)
+    cache = head[cache_arg] if cache_arg in head else head.past_key_values
+    cache.reorder_cache(inverse)
+    rest = model(input_ids=ro.response_ids[:, :-1], attention_mask=ro.attention_mask[:, : p + t - 1],
+                 position_ids=ro.position_ids[:, p : p + t - 1], use_cache=True, logits_to_keep=t - 1,
+                 **{cache_arg: cache})
+    return torch.cat([head.logits[:, -1:][inverse], rest.logits], dim=1)
 
 
 def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
     """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens."""
+    shared = _shared_prompt_logits(model, rollout)
+    if shared is not None:
+        return shared
     t = rollout.response_ids.shape[1]
     kwargs = {}
     if _accepts_logits_to_keep(model):
@@ -71,11 +111,16 @@ def sequence_logprobs(
     """
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
-    logits = _response_logits(model, rollout).float() / temperature
     mask = rollout.response_mask > 0
+    raw = _response_logits(model, rollout)
+    if not (entropy_grad or return_logits):  # the lean path: no float32 copy of the logits is kept
+        logprobs, entropy = logprobs_and_entropy(raw, rollout.response_ids, temperature, with_entropy=return_entropy)
+        logprobs = torch.where(mask, logprobs, 0.0)
+        if not return_entropy:
+            return logprobs
+        return logprobs, {"entropy": torch.where(mask, entropy, 0.0)}
+    logits = raw.float() / temperature
     logprobs = torch.where(mask, logprobs_from_logits(logits, rollout.response_ids), 0.0)
-    if not (return_entropy or return_logits):
-        return logprobs
     extras: dict[str, Tensor] = {}
     if return_entropy and entropy_grad:  # PPO's entropy bonus: differentiable
         extras["entropy"] = torch.where(mask, entropy_from_logits(logits), 0.0)

@@ -7,7 +7,7 @@ import torch
 from torch.testing import assert_close
 
 import lightning_rlhf.functional.logprobs as logprobs_mod
-from lightning_rlhf.functional import entropy_from_logits, logprobs_from_logits
+from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 
 # Position 0: logits log([1, 2, 1]) -> p = [0.25, 0.5, 0.25]; position 1: uniform over 3 (logits 0).
 LOGITS = torch.log(torch.tensor([[[1.0, 2.0, 1.0], [1.0, 1.0, 1.0]]]))  # (B=1, T=2, V=3)
@@ -101,3 +101,30 @@ def test_entropy_matches_categorical_and_bf16(monkeypatch):
     assert out.dtype == torch.float32
     ref_bf16 = torch.distributions.Categorical(logits=logits.to(torch.bfloat16).float()).entropy()
     assert_close(out, ref_bf16)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_equal_the_two_functions_bit_for_bit(temperature, dtype):
+    # The lean path (one logsumexp, gradient written out, no float32 copy kept) against the plain one
+    # under autograd: the same float operations, so equal to the last bit, values and gradients alike.
+    torch.manual_seed(0)
+    x = (torch.randn(3, 5, 1000) * 3).to(dtype).requires_grad_(True)
+    tokens = torch.randint(0, 1000, (3, 5))
+    w = torch.randn(3, 5)
+    plain = logprobs_from_logits(x.float() / temperature, tokens)
+    plain_entropy = entropy_from_logits((x.float() / temperature).detach())
+    (plain * w).sum().backward()
+    plain_grad, x.grad = x.grad.clone(), None
+    lean, lean_entropy = logprobs_and_entropy(x, tokens, temperature)
+    (lean * w).sum().backward()
+    assert torch.equal(lean, plain) and torch.equal(lean_entropy, plain_entropy)
+    assert torch.equal(x.grad, plain_grad)
+    assert not lean_entropy.requires_grad
+
+
+def test_logprobs_and_entropy_by_hand():
+    # logits [0, ln 3] -> p = [1/4, 3/4]; token 1: log 3/4 = -0.28768; H = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.56233
+    logits = torch.tensor([[[0.0, float(torch.tensor(3.0).log())]]])
+    logp, entropy = logprobs_and_entropy(logits, torch.tensor([[1]]))
+    assert abs(float(logp) - (-0.287682)) < 1e-5 and abs(float(entropy) - 0.562335) < 1e-5
