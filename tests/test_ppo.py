@@ -233,3 +233,19 @@ def test_critic_starts_from_the_reward_model_by_default(tiny_model_dir, tmp_path
     # critic_init: policy gives a fresh head instead
     module = PPO(policy=str(tiny_model_dir), rewards=rewards, loss={"beta": 0.0}, critic={"init": "policy"})
     assert not torch.allclose(module.critic.score.weight, rm.score.weight)
+
+
+def test_bf16_mixed_on_cpu_recomputes_old_logprobs_and_clips_both_models(tiny_model_dir, tmp_path):
+    # trainer.precision is honoured on CPU: bf16 autocast around the step, fp32 master weights; sampling in
+    # bf16 makes optim.old_logprobs=auto recompute the old log-probs; gradient clipping works for both optimizers.
+    torch.manual_seed(0)
+    module = PPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, rollout={"num_generations": 2,
+                 "max_new_tokens": 4, "dtype": "bfloat16"}, loss={"name": "ppo_clip", "beta": 0.1},
+                 optim={"epochs": 1, "max_grad_norm": 0.5}, critic={"max_grad_norm": 0.5}, val_on_start=False)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                      default_root_dir=tmp_path, precision="bf16-mixed")
+    trainer.fit(module, train_dataloaders=_loader(repeat=2))
+    assert trainer.global_step == 2
+    assert 0 < float(trainer.callback_metrics["train/old_logprob_diff"]) < 0.1
+    assert next(module.policy.parameters()).dtype == torch.float32

@@ -62,7 +62,7 @@ class PPO(RLStage):
     def __init__(
         self,
         critic: CriticOptions = CriticOptions(),
-        critic_optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0, fused=True),
+        critic_optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-5, weight_decay=0.0),
         rollout: RolloutOptions = RolloutOptions(num_generations=1),
         advantage: AdvantageOptions = AdvantageOptions(estimator="gae", whiten=True),
         loss: LossOptions = LossOptions(name="ppo_clip", beta=0.05, kl_kind="k1"),

@@ -186,7 +186,7 @@ class RLStage(Stage):
         advantage: AdvantageOptions = AdvantageOptions(),
         loss: LossOptions = LossOptions(),
         optim: OptimOptions = OptimOptions(),
-        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0, fused=True),
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-6, weight_decay=0.0),
         gradient_checkpointing: bool = False,
         val_accuracy_reward: str = "accuracy",
         val_max_new_tokens: int | None = None,
@@ -206,8 +206,10 @@ class RLStage(Stage):
             policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
-        self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(
-            **{"dtype": self.rollout_cfg.dtype, **self.rollout_cfg.engine_kwargs})
+        engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
+        if self.rollout_cfg.dtype is not None:  # engines take the sampling precision as `dtype`
+            engine_kwargs.setdefault("dtype", self.rollout_cfg.dtype)
+        self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(**engine_kwargs)
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy

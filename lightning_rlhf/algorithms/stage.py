@@ -145,7 +145,7 @@ class SupervisedStage(Stage):
         self,
         output_dir: str | None = None,
         produced_by: str | None = None,
-        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0, fused=True),
+        optimizer: OptimizerCallable = lambda p: torch.optim.AdamW(p, lr=1e-4, weight_decay=0.0),
         lr_schedule: str = "cosine",
         warmup_steps: int = 0,
         max_length: int = 512,

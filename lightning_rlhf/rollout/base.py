@@ -172,7 +172,9 @@ class SamplingParams:
 class RolloutEngine(abc.ABC):
     """Samples responses for a batch of left-padded prompts and returns a `Rollout`.
 
-    `generate` checks the arguments once; an engine implements `_generate`, which gets them checked.
+    `generate` checks the arguments once; an engine implements `_generate`, which gets them checked. An
+    engine's constructor takes its settings (`rollout.engine_kwargs`) and, when `rollout.dtype` is set, the
+    sampling precision as `dtype` ("float32", "bfloat16", "float16").
     """
 
     def generate(

@@ -91,9 +91,8 @@ class LeanLlama:
 
     # ---- building blocks -------------------------------------------------------------------------
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return weight * xf.to(x.dtype)
+        """HF's RMSNorm (in float32, then back to x's dtype, then times the weight) as one fused kernel."""
+        return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin (n, 1, s, head_dim) for positions (n, s), from the model's own rotary module."""
@@ -109,8 +108,8 @@ class LeanLlama:
         n, s, _ = h.shape
         hd = self.head_dim
         q, k, v = F.linear(h, *layer.q), F.linear(h, *layer.k), F.linear(h, *layer.v)
-        q = self._rotate(q.view(n, s, self.heads, hd).transpose(1, 2), cos, sin)
-        k = self._rotate(k.view(n, s, self.kv_heads, hd).transpose(1, 2), cos, sin)
+        qk = torch.cat([q, k], dim=-1).view(n, s, self.heads + self.kv_heads, hd).transpose(1, 2)
+        q, k = self._rotate(qk, cos, sin).split([self.heads, self.kv_heads], dim=1)  # one rotation for both
         return q, k, v.view(n, s, self.kv_heads, hd).transpose(1, 2)
 
     def _mlp_block(self, layer: _Layer, x: Tensor) -> Tensor:

@@ -5,9 +5,7 @@ Runs in TRL's own virtual environment (see the driver's docstring); not meant to
 
 from __future__ import annotations
 
-import argparse
 import json
-import resource
 import tempfile
 import time
 
@@ -15,6 +13,8 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
+
+from _worker import print_result, worker_parser
 
 
 def digit_share(prompts, completions, **_):
@@ -35,16 +35,8 @@ class StepTimes(TrainerCallback):
 
 
 def main() -> None:
-    p = argparse.ArgumentParser()
-    p.add_argument("--model", required=True)
-    p.add_argument("--prompts", required=True)
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--prompts-per-step", type=int, default=8)
-    p.add_argument("--num-generations", type=int, default=4)
-    p.add_argument("--tokens", type=int, default=32)
-    p.add_argument("--beta", type=float, default=0.04)
-    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
-    p.add_argument("--threads", type=int, default=0)
+    p = worker_parser()
+    p.add_argument("--no-gradient-checkpointing", action="store_true")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -58,12 +50,12 @@ def main() -> None:
         learning_rate=1e-6, weight_decay=0.0, logging_steps=1, report_to=[], use_cpu=True, bf16=bf16,
         save_strategy="no", shuffle_dataset=False, temperature=1.0, seed=0,
         model_init_kwargs={"dtype": torch.float32},
+        **({"gradient_checkpointing": False} if a.no_gradient_checkpointing else {}),
     )
     timer = StepTimes()
     trainer = GRPOTrainer(model=a.model, reward_funcs=digit_share, args=config, train_dataset=ds, callbacks=[timer])
     trainer.train()
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print("RESULT " + json.dumps({"side": "trl", "step_s": timer.times, "peak_rss_mb": rss}), flush=True)
+    print_result("trl", timer.times)
 
 
 if __name__ == "__main__":
