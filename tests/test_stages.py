@@ -58,3 +58,46 @@ def test_reward_model_learns_to_rank_format_flaws(tiny_model_dir, tmp_path):
     # chance is 0.5 and a random head scores both sides about equally; these two flaws are visible in the text
     assert after["val/accuracy"] >= 0.9 > before["val/accuracy"]
     assert after["val/loss"] < before["val/loss"] and after["val/margin"] > 1.0
+
+
+def _bf16_matmul_outputs(model: torch.nn.Module) -> list[torch.dtype]:
+    """Record the output dtype of every nn.Linear call (bf16 under autocast, fp32 without)."""
+    seen: list[torch.dtype] = []
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    return seen
+
+
+def test_supervised_stages_honour_bf16_mixed_on_cpu(tiny_model_dir, tmp_path):
+    # trainer.precision="bf16-mixed" on a CPU: the training forward runs under bf16 autocast (the Linear layers
+    # return bfloat16), the master weights stay float32, and training still lowers the loss.
+    torch.manual_seed(0)
+    sft = SFT(policy=str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=3e-3, weight_decay=0.0),
+              warmup_steps=0, lr_schedule="constant", max_length=64, max_prompt_length=24, val_max_new_tokens=8)
+    seen = _bf16_matmul_outputs(sft.policy)
+    data = SFTDataModule(train={"task": "arithmetic_sft", "n": 256}, val={"task": "arithmetic_sft", "n": 16,
+                         "split": "val"}, batch_size=32, val_batch_size=16)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=20, val_check_interval=20, check_val_every_n_epoch=None,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=tmp_path, precision="bf16-mixed")
+    trainer.fit(sft, datamodule=data)
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in sft.policy.parameters())
+    (_, before), (_, after) = sft.eval_history[0], sft.eval_history[-1]
+    assert after["val/loss"] < 0.7 * before["val/loss"]
+
+    rm = RewardModel(model=str(tiny_model_dir), optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3, weight_decay=0.0),
+                     lr_schedule="constant", max_length=64)
+    seen = _bf16_matmul_outputs(rm.model)
+    pairs = {"task": "arithmetic_pairs", "flaws": ["broken_format"]}
+    data = PreferenceDataModule(train={**pairs, "n": 256}, val={**pairs, "n": 32, "split": "val"},
+                                batch_size=32, val_batch_size=32)
+    trainer = Trainer(accelerator="cpu", devices=1, max_steps=20, val_check_interval=20, check_val_every_n_epoch=None,
+                      logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                      num_sanity_val_steps=0, default_root_dir=tmp_path / "rm", precision="bf16-mixed")
+    trainer.fit(rm, datamodule=data)
+    assert torch.bfloat16 in seen
+    assert all(p.dtype == torch.float32 for p in rm.model.parameters())
+    (_, before), (_, after) = rm.eval_history[0], rm.eval_history[-1]
+    assert after["val/loss"] < before["val/loss"]
