@@ -30,7 +30,9 @@ POSITIVE = [
     pytest.param("<think>x</think><answer>x = 16</answer>", "16", id="variable-assignment"),
     pytest.param("<think>x</think><answer>1,000</answer>", "1000", id="thousands-separator"),
     pytest.param("<think>x</think><answer>\\$16</answer>", "16", id="currency-dollar"),
-    pytest.param("<think>x</think><answer>\\sqrt{4}</answer>", "2", id="latex-sqrt"),
+    pytest.param("<think>x</think><answer>\\sqrt{2}</answer>", "\\sqrt{2}", id="expression-when-gold-is-one"),
+    pytest.param("<think>x</think><answer>\\dfrac{1}{2}</answer>", "0.5", id="dfrac-is-a-number"),
+    pytest.param("<think>x</think><answer>$16$</answer>", "16", id="dollar-math"),
     pytest.param("<think>x</think><answer>(1, 2)</answer>", "(1, 2)", id="tuple-when-gold-is-a-tuple"),
     pytest.param("<think>x</think><answer>15</answer><answer>16</answer>", "16", id="last-answer-block-wins"),
 ]
@@ -150,8 +152,8 @@ def test_works_outside_the_main_thread():
     result = {}
 
     def worker():
-        result["scores"] = accuracy_reward([Q, Q], ["<answer>\\frac{32}{2}</answer>", "<answer>15</answer>"],
-                                           answer=["16", "16"])
+        result["scores"] = accuracy_reward([Q, Q], ["<answer>\\frac{1}{2}</answer>", "<answer>15</answer>"],
+                                           answer=["0.5", "16"])
 
     t = threading.Thread(target=worker)
     t.start()
@@ -183,3 +185,37 @@ def test_countdown_reward():
     assert scores == [1.0, 1.0, 0.0, 0.0, 0.0]
     with pytest.raises(ValueError, match="'numbers' and 'target'"):
         countdown(["p"], ["<answer>1</answer>"], answer=["1"])
+
+
+# ------------------------------------------------------------------ the question restated is not an answer
+# Gold "16" for "12+7-3=?": each answer below is worth 16 but is an expression, not a number. When the gold
+# answer is a plain number, the answer must be one (an integer, a decimal or a fraction of two integers).
+
+QR = "12+7-3=? Think inside <think></think>, then answer inside <answer></answer>."
+
+RESTATED = [
+    pytest.param("(12+7-3)", id="parenthesised-question"),
+    pytest.param("7+12-3", id="reordered-question"),
+    pytest.param("12+7-3+0", id="question-plus-zero"),
+    pytest.param("12+7-3", id="literal-question"),
+    pytest.param("19-3", id="last-step-unevaluated"),
+    pytest.param("8*2", id="product-worth-16"),
+    pytest.param("4^2", id="power-worth-16"),
+    pytest.param("\\sqrt{256}", id="root-worth-16"),
+    pytest.param("32/2", id="fraction-reducing-to-16"),
+    pytest.param("(16)", id="parenthesised-number"),
+    pytest.param("16+0", id="number-plus-zero"),
+    pytest.param("--16", id="double-negation"),
+    pytest.param("\\boxed{8+8}", id="boxed-expression"),
+    pytest.param("x = 12+7-3", id="assignment-of-the-question"),
+]
+
+
+@pytest.mark.parametrize("answer", RESTATED)
+def test_an_expression_worth_the_gold_number_scores_zero(answer):
+    assert acc(f"<think>12+7=19, 19-3=16</think><answer>{answer}</answer>", "16", QR) == 0.0
+
+
+@pytest.mark.parametrize("answer", ["16", "16.0", "x = 16", "\\boxed{16}", "$16$"])
+def test_the_number_itself_still_scores_one(answer):
+    assert acc(f"<think>12+7=19, 19-3=16</think><answer>{answer}</answer>", "16", QR) == 1.0

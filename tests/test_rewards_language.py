@@ -43,17 +43,41 @@ def test_other_scripts_count_against_the_target():
     assert score("<think>We add складываем</think><answer>1</answer>", "en") == pytest.approx(2 / 3)
 
 
-def test_only_reasoning_counts_and_no_think_uses_whole_text():
+def test_only_reasoning_counts():
     # The answer block is not reasoning: English reasoning with a Chinese answer is fully English.
     assert score("<think>We add them.</think><answer>十六</answer>", "en") == 1.0
-    # Without a think block the whole completion counts (tags are neutral):
-    # "The", "sum", "is" = 3 en; 十 六 = 2 zh -> en 3 / 5 = 0.6.
-    assert score("The sum is 十六 <answer>16</answer>", "en") == pytest.approx(0.6)
 
 
-def test_all_neutral_is_one():
+def test_all_neutral_reasoning_is_one():
+    # Digits and operators belong to no language: nothing in the reasoning is mixed.
     assert score("<think>12 + 4 = 16</think><answer>16</answer>", "zh") == 1.0
-    assert score("", "en") == 1.0
+
+
+# Each case would pay 1.0 (or a high share) to a grader that forgives missing reasoning or reads outside it.
+HACKS = [
+    pytest.param("<think></think><answer>5</answer>", "en", 0.0, id="empty-think"),
+    pytest.param("<answer>5</answer>", "en", 0.0, id="no-think-block"),
+    pytest.param("", "en", 0.0, id="empty-completion"),
+    pytest.param("<think>   \n\t </think><answer>5</answer>", "en", 0.0, id="whitespace-think"),
+    pytest.param("We add them. <answer>5</answer>", "en", 0.0, id="reasoning-without-tags"),
+    pytest.param("<think>We add them. <answer>5</answer>", "en", 0.0, id="unclosed-think"),
+    pytest.param("</think>We add them.<think><answer>5</answer>", "en", 0.0, id="tags-reversed"),
+    # English padding after the reasoning does not dilute Chinese reasoning for an English target
+    pytest.param("<think>我们相加</think> We add them all. <answer>5</answer>", "en", 0.0, id="padding-outside-think"),
+    # a second think block of the right language does not wash out the first
+    pytest.param("<think>我们相加</think><think>We add.</think><answer>5</answer>", "en", 0.0, id="second-think-block"),
+    # chat markers and tags are neutral: they cannot make up an English share
+    pytest.param("<think><|im_start|>assistant 我们</think><answer>5</answer>", "en", 0.0, id="chat-markers-neutral"),
+    # single Latin letters (variables) are neutral, so "x y z" cannot pass as English
+    pytest.param("<think>x y z 相加</think><answer>5</answer>", "en", 0.0, id="single-letters-neutral"),
+    # LaTeX commands are neutral: \text-free English words inside math do not count either way
+    pytest.param("<think>$\\frac{a}{b}$ 相加</think><answer>5</answer>", "en", 0.0, id="latex-neutral"),
+]
+
+
+@pytest.mark.parametrize("completion, target, expected", HACKS)
+def test_language_hacks(completion, target, expected):
+    assert score(completion, target) == pytest.approx(expected)
 
 
 def test_auto_target_follows_the_prompt():

@@ -6,7 +6,8 @@ All follow `(prompts, completions, **columns) -> list[float]` and are registered
   block outside the reasoning (or, when the answer region has no answer tags at all, the last
   `\\boxed{...}` with balanced braces), checked against the `answer` column with math-verify.
 - `format` (1/0): exactly `<think>X</think> <answer>Y</answer>`, each tag once, X and Y non-empty.
-- `language` (0..1): share of the reasoning's words in the target language (DeepSeek-R1).
+- `language` (0..1): share of the reasoning's words in the target language (DeepSeek-R1); 0 when there is
+  no `<think>` block or it is empty, 1 when it holds only neutral text (digits, operators, LaTeX).
 - `countdown` (1/0): the answer is an equation that `countdown_check` accepts.
 
 Simplifications, chosen to make reward hacking hard rather than to be lenient:
@@ -19,6 +20,9 @@ Simplifications, chosen to make reward hacking hard rather than to be lenient:
 - math-verify's signal-based timeout only works in the main thread; elsewhere (threads) it runs
   without one and the caps above stand in for it. DataLoader worker processes have their own main
   thread, so they keep the timeout.
+- When the gold answer is a plain number (`16`, `-3`, `0.5`), the answer must be a number too: an
+  integer, a decimal or a fraction of two integers (`1/2`, `\\frac{1}{2}`), optionally as `x = ...` or
+  boxed. An expression worth the same (`7+12-3`, `(12+7-3)`, `\\sqrt{4}`) restates the question and scores 0.
 - Language counts Han characters (zh) against Latin-letter words (en); other scripts count against
   both; single Latin letters (math variables), digits, LaTeX and punctuation are neutral.
 """
@@ -26,6 +30,7 @@ Simplifications, chosen to make reward hacking hard rather than to be lenient:
 from __future__ import annotations
 
 import functools
+import math
 import re
 import threading
 from typing import Any
@@ -190,6 +195,29 @@ def _math_equal(gold: str, pred: str) -> bool:
 # ---------------------------------------------------------------- rewards
 
 
+_PLAIN_NUMBER = re.compile(r"[+-]?\d+(?:\.\d+)?")
+_DECIMAL = re.compile(r"[+\-−]?\d+(?:\.\d+)?")
+_FRACTION = re.compile(r"[+\-−]?(?:(\d+)/(\d+)|\\[dt]?frac\{(\d+)\}\{(\d+)\}|\\[dt]?frac(\d)(\d))")
+_WRAPPERS = re.compile(r"^\\(?:boxed|text|mathrm|mathbf|textbf)\{(.*)\}$", re.DOTALL)
+
+
+def is_number_answer(answer: str) -> bool:
+    """True for a number written as one: `16`, `-3`, `0.5`, a fraction in lowest terms (`1/2`, `\\frac{1}{2}`),
+    also as `x = 16`, `$16$` or `\\boxed{16}`; False for any other expression (`7+12-3`, `(16)`, `\\sqrt{4}`,
+    `16+0`, `32/2`)."""
+    s = re.sub(r"\s|\$", "", answer)
+    s = re.sub(r"^[A-Za-z]=", "", s)
+    while (m := _WRAPPERS.match(s)) is not None:
+        s = m.group(1)
+    if _DECIMAL.fullmatch(s):
+        return True
+    m = _FRACTION.fullmatch(s)
+    if m is None:
+        return False
+    num, den = (int(g) for g in m.groups() if g is not None)
+    return den > 1 and math.gcd(num, den) == 1  # "32/2" is a division still to do, "1/2" a number
+
+
 @REWARDS.register("accuracy")
 class AccuracyReward:
     """1.0 when the extracted final answer equals the `answer` column mathematically, else 0.0."""
@@ -212,6 +240,8 @@ class AccuracyReward:
         pred = _normalize(pred)
         if not _is_single_expression(pred, gold_s, prompt, self.max_answer_chars):
             return 0.0
+        if _PLAIN_NUMBER.fullmatch(gold_s) and not is_number_answer(pred):
+            return 0.0  # the question restated ("7+12-3", "(12+7-3)") is not an answer
         return 1.0 if _math_equal(gold_s, pred) else 0.0
 
 
@@ -266,12 +296,12 @@ def language_shares(text: str) -> dict[str, int]:
     return counts
 
 
-def _reasoning(prompt: str, completion: str) -> str:
+def reasoning_text(prompt: str, completion: str) -> str | None:
+    """The text inside the first `<think>...</think>` (a pre-filled `<think>` restored); None without one."""
     text = _apply_prefill(prompt, completion)
-    start, end = text.find("<think>"), text.find("</think>")
-    if start < 0 or end < start:
-        return text
-    return text[start + len("<think>") : end]
+    start = text.find("<think>")
+    end = text.find("</think>", start + 1) if start >= 0 else -1
+    return None if start < 0 or end < 0 else text[start + len("<think>") : end]
 
 
 @REWARDS.register("language")
@@ -291,6 +321,9 @@ class LanguageConsistency:
         if target == "auto":
             counts = language_shares(prompt)
             target = "zh" if counts["zh"] > counts["en"] else "en"
-        counts = language_shares(_reasoning(prompt, completion))
+        reasoning = reasoning_text(prompt, completion)
+        if reasoning is None or not reasoning.strip():
+            return 0.0  # no reasoning to be consistent in: skipping it must not pay
+        counts = language_shares(reasoning)
         total = sum(counts.values())
         return 1.0 if total == 0 else counts[target] / total
