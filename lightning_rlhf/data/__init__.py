@@ -9,6 +9,7 @@ generators) loads `datasets` and `lightning` too.
 
 from lightning_rlhf.data.countdown import countdown_check, countdown_problems
 from lightning_rlhf.data import place_value  # noqa: F401  (registers place_value, place_value_sft)
+from lightning_rlhf.data import bilingual  # noqa: F401  (registers bilingual_arithmetic, bilingual_arithmetic_sft)
 from lightning_rlhf.data.modules import PreferenceDataModule, PromptDataModule, SFTDataModule, collate_rows
 from lightning_rlhf.data.registry import FORMATTERS, TASKS
 from lightning_rlhf.data.sources import load_rows

@@ -22,7 +22,7 @@ INSTRUCTION = ("{question}=? Think step by step inside <think></think>, then giv
                "<answer></answer>.")
 
 
-def _question(rng: random.Random, ops: str) -> tuple[int, str, int]:
+def sample_question(rng: random.Random, ops: str) -> tuple[int, str, int]:
     op = rng.choice(ops)
     if op == "*":
         return rng.randint(10, 99), op, rng.randint(2, 9)
@@ -48,7 +48,7 @@ def _rows(n: int, seed: int, split: str, ops: str, holdout: float, prompt_templa
     rng = random.Random(seed)
 
     def sample() -> tuple[str, dict]:
-        a, op, b = _question(rng, ops)
+        a, op, b = sample_question(rng, ops)
         reasoning, answer = worked(a, op, b)
         question = f"{a}{op}{b}"
         return question, {"prompt": prompt_template.format(question=question), "answer": str(answer),

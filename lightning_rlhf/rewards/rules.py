@@ -9,6 +9,7 @@ All follow `(prompts, completions, **columns) -> list[float]` and are registered
 - `language` (0..1): share of the reasoning's words in the target language (DeepSeek-R1); 0 when there is
   no `<think>` block or it is empty, 1 when it holds only neutral text (digits, operators, LaTeX).
 - `countdown` (1/0): the answer is an equation that `countdown_check` accepts.
+- `language_mixed(prompt, completion)` (a measure, not a reward): the reasoning uses two or more languages.
 
 Simplifications, chosen to make reward hacking hard rather than to be lenient:
 - The answer block must hold ONE mathematical expression. Prose words (other than math function
@@ -302,6 +303,13 @@ def reasoning_text(prompt: str, completion: str) -> str | None:
     start = text.find("<think>")
     end = text.find("</think>", start + 1) if start >= 0 else -1
     return None if start < 0 or end < 0 else text[start + len("<think>") : end]
+
+
+def language_mixed(prompt: str, completion: str) -> bool:
+    """True when the reasoning uses words of two or more languages (en, zh, other): the "language mixing"
+    of R1-Zero. False without reasoning, or when it holds one language or only neutral text."""
+    reasoning = reasoning_text(prompt, completion)
+    return reasoning is not None and sum(v > 0 for v in language_shares(reasoning).values()) > 1
 
 
 @REWARDS.register("language")
