@@ -65,3 +65,47 @@ def test_language_mixed_cases():
 def test_bad_shares_are_named():
     with pytest.raises(ValueError, match="mix_share must be in"):
         TASKS.get("bilingual_arithmetic_sft")(10, mix_share=1.5)
+
+
+def test_language_mixed_share_is_logged_for_sets_with_a_language_column(tiny_model_dir, tmp_path):
+    import torch
+    from lightning.pytorch import Trainer
+
+    from lightning_rlhf.algorithms import SFT
+    from lightning_rlhf.algorithms.stage import language_mixed_share
+    from lightning_rlhf.data import SFTDataModule
+
+    batch = {"prompt": ["What is 2 plus 3?"] * 3, "language": ["en"] * 3}
+    completions = ["<think>2 plus 3 is 5</think><answer>5</answer>", "<think>2加3得5, so 5</think><answer>5</answer>",
+                   "<answer>5</answer>"]
+    assert language_mixed_share(batch, completions) == [0.0, 1.0, 0.0]  # one of three mixes en and zh
+    assert language_mixed_share({"prompt": ["q"]}, ["<think>a 加</think>"]) == []  # no language column
+
+    torch.manual_seed(0)
+    module = SFT(policy=str(tiny_model_dir), max_length=96, max_prompt_length=64, val_max_new_tokens=8)
+    data = SFTDataModule(train={"task": "bilingual_arithmetic_sft", "n": 16},
+                         val={"task": "bilingual_arithmetic_sft", "n": 8, "split": "val"}, batch_size=8,
+                         val_batch_size=8)
+    Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=tmp_path).fit(module, datamodule=data)
+    metrics = module.eval_history[-1][1]
+    assert 0.0 <= metrics["val/language_mixed"] <= 1.0 and "val/accuracy" in metrics
+
+
+def test_rl_stages_log_language_mixed_too(tiny_model_dir, tmp_path):
+    import torch
+    from lightning.pytorch import Trainer
+
+    from lightning_rlhf.algorithms import GRPO
+    from lightning_rlhf.data import PromptDataModule
+
+    torch.manual_seed(0)
+    module = GRPO(policy=str(tiny_model_dir), rewards={"language": 1.0},
+                  rollout={"num_generations": 2, "max_new_tokens": 4}, loss={"beta": 0.0})
+    data = PromptDataModule(train={"task": "bilingual_arithmetic", "n": 4},
+                            val={"task": "bilingual_arithmetic", "n": 4, "split": "val"}, batch_size=2, val_batch_size=4)
+    Trainer(accelerator="cpu", devices=1, max_steps=1, logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+            default_root_dir=tmp_path).fit(module, datamodule=data)
+    assert 0.0 <= module.eval_history[-1][1]["val/language_mixed"] <= 1.0

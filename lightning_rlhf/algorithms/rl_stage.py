@@ -32,7 +32,7 @@ from lightning_rlhf.algorithms.options import (
 from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
 from lightning_rlhf.algorithms.runtime import keep_freed_memory
 from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
-from lightning_rlhf.algorithms.stage import Stage, generate_text
+from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.functional import (
     ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_mean, masked_whiten_all,
@@ -322,6 +322,8 @@ class RLStage(Stage):
         self.val_metrics.update("val/accuracy", self.val_accuracy(batch["prompt"], completions, **columns))
         self.val_metrics.update("val/reward", self.reward_fn(batch["prompt"], completions, columns).total)
         self.val_metrics.update("val/response_length", lengths)
+        if mixed := language_mixed_share(batch, completions):
+            self.val_metrics.update("val/language_mixed", mixed)
 
     def on_fit_start(self) -> None:
         self.reward_fn.to(self.device)  # a reward model scores on the training device

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text
+from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text, language_mixed_share
 from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_completions
 from lightning_rlhf.rewards import accuracy_reward
@@ -75,3 +75,5 @@ class SFT(SupervisedStage):
                                            max_new_tokens=self.val_max_new_tokens,
                                            max_prompt_length=self.max_prompt_length)
             self.val_metrics.update("val/accuracy", accuracy_reward(batch["prompt"], completions, answer=batch["answer"]))
+            if mixed := language_mixed_share(batch, completions):
+                self.val_metrics.update("val/language_mixed", mixed)

@@ -55,6 +55,16 @@ def generate_text(model: Any, tokenizer: Any, engine: Any, prompts: Sequence[str
     return ro.decode(tokenizer), ro.response_lengths
 
 
+def language_mixed_share(batch: dict[str, list], completions: Sequence[str]) -> list[float]:
+    """Per completion 1.0 when its reasoning mixes languages (`rewards.rules.language_mixed`), for validation
+    sets that have a `language` column (the bilingual task); [] for any other set."""
+    from lightning_rlhf.rewards.rules import language_mixed
+
+    if "language" not in batch:
+        return []
+    return [float(language_mixed(p, c)) for p, c in zip(batch["prompt"], completions)]
+
+
 class Stage(LightningModule):
     """Validation lifecycle, optimizer + schedule and export shared by every stage (see module docstring)."""
 
