@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 
 from lightning_rlhf import commands  # noqa: F401  (importing it registers the extra subcommands)
+from lightning_rlhf import pipeline  # noqa: F401  (registers the pipeline subcommand)
 from lightning_rlhf.command_registry import COMMANDS
 from lightning_rlhf.errors import find_user_error
 from lightning_rlhf.lightning_cli import RLHFCLI, archive_previous_run  # noqa: F401  (re-exported)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ def _fmt(v: Any) -> str:
 class RunSummary(Callback):
     """Print and save a short summary when fitting ends (also after an interruption)."""
 
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        self._t0 = time.perf_counter()
+
     def _summary(self, trainer: Any, pl_module: Any, status: str) -> dict[str, Any]:
         history = list(getattr(pl_module, "eval_history", []))
         first = history[0][1] if history else {}
@@ -38,6 +42,7 @@ class RunSummary(Callback):
             "status": status,
             "start_from": hp.get("policy") or hp.get("model"),
             "steps": trainer.global_step,
+            "wall_s": round(time.perf_counter() - getattr(self, "_t0", time.perf_counter()), 1),
             "val_before": {"step": history[0][0], **first} if history else {},
             "val_after": {"step": history[-1][0], **last} if len(history) > 1 else {},
             "train_last": train,

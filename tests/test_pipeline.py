@@ -1,0 +1,81 @@
+"""The multi-stage runner: outputs passed by name, plan checks, and a rerun after a kill skips finished stages."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from lightning_rlhf.errors import ConfigError
+from lightning_rlhf.pipeline import load_plan, stage_command
+
+
+def _plan(tmp_path, model):
+    stages = [
+        {"name": "sft", "recipe": "recipes/quickstart.yaml",
+         "overrides": {"model.init_args.policy": str(model), "trainer.max_steps": 2, "trainer.val_check_interval": 2,
+                       "data.init_args.val": {"task": "arithmetic_sft", "n": 8, "split": "val", "seed": 1}}},
+        {"name": "rs", "sample": {"policy": "@sft", "data": {"task": "arithmetic", "n": 8, "split": "val", "seed": 1},
+                                  "rewards": {"format": 1.0}, "keep": {"total": 0.0}, "k": 2, "max_new_tokens": 8}},
+        {"name": "rs_sft", "recipe": "recipes/quickstart.yaml",
+         "overrides": {"model.init_args.policy": str(model), "data.init_args.train": {"path": "@rs"},
+                       "trainer.max_steps": 2, "trainer.val_check_interval": 2,
+                       "data.init_args.val": {"task": "arithmetic_sft", "n": 8, "split": "val", "seed": 1}}},
+    ]
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    return path
+
+
+def test_outputs_are_passed_by_name(tmp_path):
+    path = _plan(tmp_path, "m")
+    stages, out = load_plan(str(path)), tmp_path / "out"
+    outputs = {"sft": str(out / "sft" / "model"), "rs": str(out / "rs" / "samples.jsonl")}
+    cmd = stage_command(stages[2], out, outputs)
+    assert cmd[cmd.index("--data.init_args.train") + 1] == f"{{path: {out}/rs/samples.jsonl}}"
+    assert cmd[cmd.index("--trainer.max_steps") + 1] == "2"
+    sample = stage_command(stages[1], out, outputs)
+    assert sample[0] == "sample" and sample[sample.index("--policy") + 1] == f"{out}/sft/model"
+    assert sample[-2:] == ["--out", f"{out}/rs/samples.jsonl"]
+
+
+@pytest.mark.parametrize("stages, message", [
+    ([{"name": "a", "recipe": "r.yaml"}, {"name": "a", "recipe": "r.yaml"}], "stage 2 needs a new 'name'"),
+    ([{"name": "a", "recipe": "r.yaml", "sample": {}}], "exactly one of 'recipe' or 'sample'"),
+    ([{"name": "a", "recipe": "r.yaml", "overrides": {"x": "@b"}}, {"name": "b", "recipe": "r.yaml"}],
+     "uses '@b', which is not an earlier stage"),
+])
+def test_bad_plans_are_named(tmp_path, stages, message):
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump({"stages": stages}))
+    with pytest.raises(ConfigError, match=message):
+        load_plan(str(path))
+
+
+def test_kill_between_stages_then_rerun_skips_finished_stages(tmp_path, tiny_model_dir):
+    path, out = _plan(tmp_path, tiny_model_dir), tmp_path / "out"
+    cmd = [sys.executable, "-m", "lightning_rlhf", "pipeline", str(path), "--output_dir", str(out)]
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    first = out / "sft" / "summary.json"
+    deadline = time.time() + 300
+    while not (first.exists() and '"finished"' in first.read_text()) and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the runner and the stage it started
+    proc.wait()
+    assert not (out / "summary.json").exists()  # killed before the end
+    stamp = first.stat().st_mtime_ns
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    assert "pipeline stage 'sft': finished earlier, skipped" in done.stdout
+    assert first.stat().st_mtime_ns == stamp  # not rerun
+    summary = json.loads((out / "summary.json").read_text())
+    assert [s["name"] for s in summary["stages"]] == ["sft", "rs", "rs_sft"]
+    assert all(s["wall_s"] > 0 and "val/accuracy" in s for s in summary["stages"] if s["name"] != "rs")
+    rs = summary["rejection_sampling"]
+    assert rs["sampled"] == 16 and rs["kept"] == len((out / "rs" / "samples.jsonl").read_text().splitlines())
