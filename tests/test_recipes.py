@@ -16,7 +16,9 @@ import yaml
 from lightning_rlhf.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
-RECIPES = sorted(REPO.glob("recipes/**/*.yaml"))
+ALL_YAML = sorted(REPO.glob("recipes/**/*.yaml"))
+PIPELINES = [p for p in ALL_YAML if "stages" in (yaml.safe_load(p.read_text()) or {})]  # `pipeline` files
+RECIPES = [p for p in ALL_YAML if p not in PIPELINES]
 RECIPE_IDS = [str(p.relative_to(REPO)) for p in RECIPES]
 # `python -m lightning_rlhf make-tiny-model` writes here by default (its `--out` default in commands.py).
 TINY_BASE_DEFAULT = "checkpoints/tiny-base"
@@ -128,3 +130,21 @@ def test_missing_start_checkpoint_is_a_file_not_found_error_under_the_wrapping(t
     err = capsys.readouterr().err
     assert err.startswith("error: checkpoint 'checkpoints/sft-tiny' not found")
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("pipeline", PIPELINES, ids=[str(p.relative_to(REPO)) for p in PIPELINES])
+def test_pipeline_stages_parse_with_their_overrides(pipeline, capsys, tmp_path):
+    # Every fit stage of a pipeline file, with its overrides and earlier outputs filled in, is a valid
+    # `fit` command line (checked with --print_config, run from the repository root like a user would).
+    from lightning_rlhf.pipeline import load_plan, stage_command
+
+    stages = load_plan(str(pipeline))
+    outputs = {st["name"]: str(tmp_path / st["name"]) for st in stages}
+    for st in stages:
+        if "sample" in st:
+            continue
+        cmd = stage_command(st, tmp_path, outputs)
+        with pytest.raises(SystemExit) as exc:
+            main([cmd[0], "--print_config", *cmd[1:]])
+        assert exc.value.code in (0, None), f"stage {st['name']}: {capsys.readouterr().err[-2000:]}"
+        capsys.readouterr()
