@@ -168,10 +168,10 @@ def _sampling_figures(path: Path) -> dict:
 
 def print_table(summary: dict) -> None:
     keys = sorted({k for row in summary["stages"] for k in row if k.startswith("val/")})
-    print(f"\n{'stage':<16}{'wall s':>9}" + "".join(f"{k:>22}" for k in keys))
+    print(f"\n{'stage':<20}{'wall s':>9}" + "".join(f"{k:>22}" for k in keys))
     for row in summary["stages"]:
         cells = "".join(f"{row[k]:>22.3f}" if k in row else f"{'-':>22}" for k in keys)
-        print(f"{row['name']:<16}{row['wall_s'] or 0:>9.1f}{cells}")
+        print(f"{row['name']:<20}{row['wall_s'] or 0:>9.1f}{cells}")
     if "rejection_sampling" in summary:
         rs = summary["rejection_sampling"]
         print(f"rejection sampling: kept {rs['kept']} of {rs['sampled']} samples ({rs['prompts']} prompts), "
