@@ -56,14 +56,17 @@ def test_readme_links_the_docs_and_nothing_points_outside_the_repository():
     tracked = subprocess.run(["git", "ls-files"], capture_output=True, text=True, cwd=REPO).stdout.split()
     untracked = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], capture_output=True,
                                text=True, cwd=REPO).stdout.split()
+    # Built from pieces, so that this file does not name them itself: the folder beside the repository
+    # and the design document in it, which users of the repository never see.
+    OUTSIDE_WORDS = ("../" + "shared", "DES" + "IGN.md")
     offenders = []
     for name in tracked + untracked:
         path = REPO / name
-        if name == "tests/test_docs.py" or path.suffix not in (".py", ".md", ".yaml", ".toml", ".txt"):
+        if path.suffix not in (".py", ".md", ".yaml", ".toml", ".txt"):
             continue
         if not path.is_file():
             continue
         text = path.read_text(errors="replace")
-        if "../shared" in text or "DESIGN.md" in text:
+        if any(word in text for word in OUTSIDE_WORDS):
             offenders.append(name)
     assert offenders == [], f"these files point outside the repository: {offenders}"
