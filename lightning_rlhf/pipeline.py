@@ -68,7 +68,7 @@ def _refs(value: Any) -> list[str]:
     if isinstance(value, str) and value.startswith("@"):
         return [value[1:]]
     if isinstance(value, dict):
-        return [r for k, v in value.items() if k != "name" for r in _refs(v)]
+        return [r for v in value.values() for r in _refs(v)]
     if isinstance(value, list):
         return [r for v in value for r in _refs(v)]
     return []

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -88,17 +89,16 @@ def _select(prompt_rows: list[dict], texts: list[str], reward: Any, k: int, rule
     prompts = [r["prompt"] for r in prompt_rows for _ in range(k)]
     columns = {c: [r[c] for r in prompt_rows for _ in range(k)] for c in prompt_rows[0] if c != "prompt"}
     out = reward(prompts, texts, columns)
-    kept, seen = [], set()
+    kept, seen, per_prompt = [], set(), Counter()
     for i, text in enumerate(texts):
         p = i // k
         scores = {name: float(v[i]) for name, v in out.per_reward.items()}
         key = (p, text.strip())
-        per_prompt = sum(1 for q, *_ in kept if q == p)
-        if key in seen or not rule.passes(scores, float(out.total[i])):
-            continue
-        if rule.max_per_prompt is not None and per_prompt >= rule.max_per_prompt:
+        full = rule.max_per_prompt is not None and per_prompt[p] >= rule.max_per_prompt
+        if full or key in seen or not rule.passes(scores, float(out.total[i])):
             continue
         seen.add(key)
+        per_prompt[p] += 1
         kept.append((p, text, scores, float(out.total[i])))
     return kept
 
