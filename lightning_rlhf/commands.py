@@ -147,6 +147,7 @@ def sample(argv: list[str]) -> dict:
     p.add_argument("--batch-prompts", type=int, default=16)
     p.add_argument("--dtype", default=None, help="sampling dtype (float32, bfloat16); default: the model's")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     first, _ = p.parse_known_args(argv)
     if first.config:
         p.set_defaults(**{k.replace("-", "_"): v for k, v in yaml.safe_load(Path(first.config).read_text()).items()})
@@ -175,7 +176,7 @@ def _run_sampler(a: argparse.Namespace) -> dict:
                                sampling=SamplingOptions(k=a.k, temperature=a.temperature,
                                                         max_new_tokens=a.max_new_tokens, dtype=a.dtype),
                                keep=KeepRule(min_scores=a.keep, max_per_prompt=a.max_per_prompt),
-                               progress=progress)
+                               progress=progress, device=a.device)
     bar.close()
     print(f"[lightning_rlhf] {summary['kept']} of {summary['sampled']} responses kept "
           f"(keep rate {summary['keep_rate']:.3f}) -> {a.out}")

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lightning_rlhf.errors import ConfigError
-from lightning_rlhf.pipeline import load_plan, stage_command
+from lightning_rlhf.pipeline import load_plan, resolve_precision, stage_command
 
 
 def _plan(tmp_path, model):
@@ -35,7 +35,7 @@ def _plan(tmp_path, model):
 
 def test_outputs_are_passed_by_name(tmp_path):
     path = _plan(tmp_path, "m")
-    stages, out = load_plan(str(path)), tmp_path / "out"
+    (stages, _), out = load_plan(str(path)), tmp_path / "out"
     outputs = {"sft": str(out / "sft" / "model"), "rs": str(out / "rs" / "samples.jsonl")}
     cmd = stage_command(stages[2], out, outputs)
     assert cmd[cmd.index("--data.init_args.train") + 1] == f"{{path: {out}/rs/samples.jsonl}}"
@@ -56,6 +56,62 @@ def test_bad_plans_are_named(tmp_path, stages, message):
     path.write_text(yaml.safe_dump({"stages": stages}))
     with pytest.raises(ConfigError, match=message):
         load_plan(str(path))
+
+
+def _last(cmd: list[str], flag: str) -> str:
+    """The value the command line gives `flag` (jsonargparse and argparse keep the last occurrence)."""
+    return cmd[len(cmd) - 1 - cmd[::-1].index(flag) + 1]
+
+
+def test_settings_apply_in_order_and_precision_becomes_flags(tmp_path):
+    # Later wins: precision flags < the plan's fit_overrides < the stage's overrides < a later file's.
+    plan = {"precision": "bf16-mixed", "fit_overrides": {"trainer.max_steps": 7, "trainer.log_every_n_steps": 3},
+            "sample_overrides": {"device": "cpu", "k": 3},
+            "stages": [{"name": "sft", "recipe": "recipes/sft/tiny_arithmetic.yaml",
+                        "overrides": {"trainer.max_steps": 2, "trainer.log_every_n_steps": 4}},
+                       {"name": "rl", "recipe": "recipes/r1_zero/tiny_arithmetic.yaml"},
+                       {"name": "rs", "sample": {"policy": "@rl", "data": {"task": "arithmetic", "n": 4}, "k": 2}}]}
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan))
+    (tmp_path / "late.yaml").write_text(yaml.safe_dump({"precision": "32-true",
+                                                        "fit_overrides": {"trainer.log_every_n_steps": 5}}))
+    stages, settings = load_plan(str(tmp_path / "p.yaml"))
+    dtype, speeds = resolve_precision(settings)
+    assert (dtype, speeds) == ("bfloat16", {})
+    outputs, out = {"sft": "o/sft", "rl": "o/rl"}, tmp_path / "o"
+    sft, rl, rs = (stage_command(st, out, outputs, settings, dtype) for st in stages)
+    assert _last(sft, "--trainer.precision") == "bf16-mixed" and "--model.init_args.rollout.dtype" not in sft
+    assert _last(rl, "--trainer.precision") == "bf16-mixed" and _last(rl, "--model.init_args.rollout.dtype") == "bfloat16"
+    assert _last(sft, "--trainer.max_steps") == "2" and _last(rl, "--trainer.max_steps") == "7"
+    assert _last(rs, "--dtype") == "bfloat16" and _last(rs, "--device") == "cpu"
+    assert _last(rs, "--k") == "2"  # the stage's own sample options win over sample_overrides
+    stages, settings = load_plan(str(tmp_path / "p.yaml"), str(tmp_path / "late.yaml"))
+    dtype, _ = resolve_precision(settings)
+    sft, rl, rs = (stage_command(st, out, outputs, settings, dtype) for st in stages)
+    assert dtype == "float32" and _last(sft, "--trainer.precision") == "32-true"
+    assert _last(rl, "--model.init_args.rollout.dtype") == "null" and "--dtype" not in rs
+    assert _last(sft, "--trainer.log_every_n_steps") == "5" and _last(rl, "--trainer.log_every_n_steps") == "5"
+
+
+def test_auto_precision_measures_and_needs_a_margin(monkeypatch):
+    import lightning_rlhf.algorithms.runtime as runtime
+
+    speeds = {"float32": 200.0, "bfloat16": 900.0, "float16": 40.0}
+    monkeypatch.setattr(runtime, "matmul_gflops", lambda dtype, device="cpu": speeds[str(dtype).split(".")[1]])
+    settings = {"precision": "auto", "late_fit_overrides": {}}
+    assert resolve_precision(settings) == ("bfloat16", speeds)  # 900 / 200 = 4.5x
+    speeds["bfloat16"] = 240.0  # 1.2x: not worth mixed precision
+    assert resolve_precision(settings)[0] == "float32"
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"stages": []}, r"unknown keys \['stages'\]; a file after the pipeline file may set only"),
+    ({"precision": "fp8"}, "pipeline precision 'fp8' is not one of auto, 32-true, bf16-mixed, 16-mixed"),
+])
+def test_bad_settings_files_are_named(tmp_path, extra, message):
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump({"stages": [{"name": "a", "recipe": "r.yaml"}]}))
+    (tmp_path / "x.yaml").write_text(yaml.safe_dump(extra))
+    with pytest.raises(ConfigError, match=message):
+        resolve_precision(load_plan(str(tmp_path / "p.yaml"), str(tmp_path / "x.yaml"))[1])
 
 
 def test_kill_between_stages_then_rerun_skips_finished_stages(tmp_path, tiny_model_dir):

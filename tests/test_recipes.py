@@ -18,7 +18,10 @@ from lightning_rlhf.cli import main
 REPO = Path(__file__).resolve().parents[1]
 ALL_YAML = sorted(REPO.glob("recipes/**/*.yaml"))
 PIPELINES = [p for p in ALL_YAML if "stages" in (yaml.safe_load(p.read_text()) or {})]  # `pipeline` files
-RECIPES = [p for p in ALL_YAML if p not in PIPELINES]
+# files that only add settings to a pipeline (`pipeline plan.yaml on_gpu.yaml`)
+SETTINGS_FILES = [p for p in ALL_YAML if p not in PIPELINES
+                  and set(yaml.safe_load(p.read_text()) or {}) <= {"precision", "fit_overrides", "sample_overrides"}]
+RECIPES = [p for p in ALL_YAML if p not in PIPELINES and p not in SETTINGS_FILES]
 RECIPE_IDS = [str(p.relative_to(REPO)) for p in RECIPES]
 # `python -m lightning_rlhf make-tiny-model` writes here by default (its `--out` default in commands.py).
 TINY_BASE_DEFAULT = "checkpoints/tiny-base"
@@ -132,18 +135,24 @@ def test_missing_start_checkpoint_is_a_file_not_found_error_under_the_wrapping(t
     assert "Traceback" not in err
 
 
-@pytest.mark.parametrize("pipeline", PIPELINES, ids=[str(p.relative_to(REPO)) for p in PIPELINES])
-def test_pipeline_stages_parse_with_their_overrides(pipeline, capsys, tmp_path):
+PIPELINE_RUNS = [(p, s) for p in PIPELINES for s in [None, *SETTINGS_FILES]]
+
+
+@pytest.mark.parametrize("pipeline, extra", PIPELINE_RUNS,
+                         ids=[f"{p.relative_to(REPO)}+{s.name if s else ''}" for p, s in PIPELINE_RUNS])
+def test_pipeline_stages_parse_with_their_overrides(pipeline, extra, capsys, tmp_path):
     # Every fit stage of a pipeline file, with its overrides and earlier outputs filled in, is a valid
-    # `fit` command line (checked with --print_config, run from the repository root like a user would).
+    # `fit` command line (checked with --print_config, run from the repository root like a user would), also
+    # with the flags of `precision: bf16-mixed` added, alone and with every settings file of recipes/.
     from lightning_rlhf.pipeline import load_plan, stage_command
 
-    stages = load_plan(str(pipeline))
+    assert SETTINGS_FILES, "recipes/r1/on_gpu.yaml is a settings file"
+    stages, settings = load_plan(str(pipeline), *([str(extra)] if extra else []))
     outputs = {st["name"]: str(tmp_path / st["name"]) for st in stages}
     for st in stages:
         if "sample" in st:
             continue
-        cmd = stage_command(st, tmp_path, outputs)
+        cmd = stage_command(st, tmp_path, outputs, settings, "bfloat16")
         with pytest.raises(SystemExit) as exc:
             main([cmd[0], "--print_config", *cmd[1:]])
         assert exc.value.code in (0, None), f"stage {st['name']}: {capsys.readouterr().err[-2000:]}"

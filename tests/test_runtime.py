@@ -28,3 +28,17 @@ def test_doctor_prints_every_precision_and_advice(capsys):
     out = capsys.readouterr().out
     for name in ("float32", "bfloat16", "float16", "advice:"):
         assert name in out
+
+
+@pytest.mark.parametrize("speeds, expected", [
+    ({"float32": 200.0, "bfloat16": 940.0, "float16": 50.0}, "bfloat16"),  # 940 / 200 = 4.7x: AVX512-BF16 or AMX
+    ({"float32": 200.0, "bfloat16": 250.0, "float16": 30.0}, "float32"),   # 250 / 200 = 1.25x < 1.3: not worth it
+    ({"float32": 200.0, "bfloat16": 260.0, "float16": 30.0}, "bfloat16"),  # 260 / 200 = 1.3x: the margin exactly
+    ({"float32": 150.0, "bfloat16": 20.0, "float16": 10.0}, "float32"),    # emulated half precision (no AVX-512)
+    ({"float32": 60e3, "bfloat16": 700e3, "float16": 720e3}, "bfloat16"),  # a GPU: both pass, bf16 preferred
+    ({"float32": 200.0, "bfloat16": 20.0, "float16": 900.0}, "float16"),   # 900 / 200 = 4.5x; bf16 fails
+])
+def test_fastest_dtype_needs_a_margin_over_float32(speeds, expected):
+    from lightning_rlhf.algorithms.runtime import fastest_dtype
+
+    assert fastest_dtype(speeds) == expected

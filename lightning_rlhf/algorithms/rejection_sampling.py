@@ -105,10 +105,11 @@ def _select(prompt_rows: list[dict], texts: list[str], reward: Any, k: int, rule
 
 def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Path, *,
                      sampling: SamplingOptions | None = None, keep: KeepRule | None = None,
-                     batch_prompts: int = 16, seed: int = 0, progress: Any = None) -> dict[str, Any]:
+                     batch_prompts: int = 16, seed: int = 0, progress: Any = None,
+                     device: str = "auto") -> dict[str, Any]:
     """Sample, filter and append to `out` (see the module docstring); returns {"prompts", "sampled", "kept",
     "keep_rate"} over the whole file, batches finished by an earlier run included. `progress(done, batches, k)`
-    is called after each batch."""
+    is called after each batch. `device` "auto" samples on CUDA when it is available."""
     s, rule, out = sampling or SamplingOptions(), keep or KeepRule(), Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     reward = CombinedReward(rewards)
@@ -118,7 +119,8 @@ def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Pat
                          f"(or 'total'); add them to `rewards` or fix the name")
     done = _done_batches(out)
     _repair(out, done)
-    model, tok = load_causal_lm(policy).eval(), load_tokenizer(policy)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    model, tok = load_causal_lm(policy).eval().to(device), load_tokenizer(policy)
     engine = ROLLOUT_ENGINES.get(s.engine)(**({"dtype": s.dtype} if s.dtype else {}))
     provenance = {"policy": str(policy), "sampling": asdict(s)}
     batches = [rows[i : i + batch_prompts] for i in range(0, len(rows), batch_prompts)]
@@ -126,7 +128,7 @@ def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Pat
         if b in done:
             continue
         torch.manual_seed(seed + b)
-        ids, mask = encode_prompts(tok, [r["prompt"] for r in batch], s.max_prompt_length)
+        ids, mask = (t.to(device) for t in encode_prompts(tok, [r["prompt"] for r in batch], s.max_prompt_length))
         with torch.no_grad():
             ro = engine.generate(model, ids, mask, num_generations=s.k, max_new_tokens=s.max_new_tokens,
                                  temperature=s.temperature, top_p=s.top_p, eos_token_id=tok.eos_token_id,
