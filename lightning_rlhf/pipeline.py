@@ -26,7 +26,8 @@ Besides `stages`, a pipeline file may set, for every stage:
 
 More files after the pipeline file (`pipeline plan.yaml on_gpu.yaml`) hold only these keys; theirs replace
 the plan's. A fit stage's arguments, later winning: the precision flags, the plan's `fit_overrides`, the
-stage's `overrides`, the other files' `fit_overrides` (so a file on the command line has the last word).
+stage's `overrides`, the other files' `fit_overrides` (so a file on the command line has the last word);
+a sample stage's options likewise: the plan's `sample_overrides`, the stage's, the other files'.
 
 `"@name"` anywhere in a value is the output of an earlier stage: a fit stage's exported model
 (`DIR/<name>/model`), a sample stage's JSONL (`DIR/<name>/samples.jsonl`). Each fit stage runs in its own
@@ -77,7 +78,7 @@ def load_plan(path: str, *more: str) -> tuple[list[dict], dict]:
                                  f"(earlier: {', '.join(seen) or 'none'})")
         seen.append(name)
     settings = {k: plan[k] for k in SETTINGS if k in plan}
-    settings["late_fit_overrides"] = {}
+    settings["late_fit_overrides"], settings["late_sample_overrides"] = {}, {}
     for extra in more:
         add = _read(extra, "pipeline settings file")
         bad = sorted(set(add) - set(SETTINGS))
@@ -85,7 +86,7 @@ def load_plan(path: str, *more: str) -> tuple[list[dict], dict]:
             raise ConfigError(f"{extra}: unknown keys {bad}; a file after the pipeline file may set only "
                               f"{', '.join(SETTINGS)} (stages come from the first file)")
         settings["late_fit_overrides"].update(add.pop("fit_overrides", None) or {})
-        settings["sample_overrides"] = {**(settings.get("sample_overrides") or {}), **(add.pop("sample_overrides", None) or {})}
+        settings["late_sample_overrides"].update(add.pop("sample_overrides", None) or {})
         settings.update(add)
     return stages, settings
 
@@ -184,7 +185,7 @@ def stage_command(st: dict, out: Path, outputs: dict[str, str], settings: dict |
     root, settings = out / st["name"], settings or {}
     if "sample" in st:
         opts = {**(settings.get("sample_overrides") or {}), **_resolve(st["sample"], outputs),
-                "out": str(root / "samples.jsonl")}
+                **(settings.get("late_sample_overrides") or {}), "out": str(root / "samples.jsonl")}
         flags = [a for k, v in opts.items() for a in (f"--{k.replace('_', '-')}", _flag_value(v))]
         return ["sample", *_precision_flags(st, dtype), *flags]
     args = ["fit", "--config", st["recipe"], "--trainer.default_root_dir", str(root),

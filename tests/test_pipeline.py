@@ -64,7 +64,8 @@ def _last(cmd: list[str], flag: str) -> str:
 
 
 def test_settings_apply_in_order_and_precision_becomes_flags(tmp_path):
-    # Later wins: precision flags < the plan's fit_overrides < the stage's overrides < a later file's.
+    # Later wins: precision flags < the plan's fit_overrides < the stage's overrides < a later file's
+    # (sample stages alike).
     plan = {"precision": "bf16-mixed", "fit_overrides": {"trainer.max_steps": 7, "trainer.log_every_n_steps": 3},
             "sample_overrides": {"device": "cpu", "k": 3},
             "stages": [{"name": "sft", "recipe": "recipes/sft/tiny_arithmetic.yaml",
@@ -72,7 +73,7 @@ def test_settings_apply_in_order_and_precision_becomes_flags(tmp_path):
                        {"name": "rl", "recipe": "recipes/r1_zero/tiny_arithmetic.yaml"},
                        {"name": "rs", "sample": {"policy": "@rl", "data": {"task": "arithmetic", "n": 4}, "k": 2}}]}
     (tmp_path / "p.yaml").write_text(yaml.safe_dump(plan))
-    (tmp_path / "late.yaml").write_text(yaml.safe_dump({"precision": "32-true",
+    (tmp_path / "late.yaml").write_text(yaml.safe_dump({"precision": "32-true", "sample_overrides": {"k": 4},
                                                         "fit_overrides": {"trainer.log_every_n_steps": 5}}))
     stages, settings = load_plan(str(tmp_path / "p.yaml"))
     dtype, speeds = resolve_precision(settings)
@@ -87,7 +88,7 @@ def test_settings_apply_in_order_and_precision_becomes_flags(tmp_path):
     stages, settings = load_plan(str(tmp_path / "p.yaml"), str(tmp_path / "late.yaml"))
     dtype, _ = resolve_precision(settings)
     sft, rl, rs = (stage_command(st, out, outputs, settings, dtype) for st in stages)
-    assert dtype == "float32" and _last(sft, "--trainer.precision") == "32-true"
+    assert dtype == "float32" and _last(sft, "--trainer.precision") == "32-true" and _last(rs, "--k") == "4"
     assert _last(rl, "--model.init_args.rollout.dtype") == "null" and "--dtype" not in rs
     assert _last(sft, "--trainer.log_every_n_steps") == "5" and _last(rl, "--trainer.log_every_n_steps") == "5"
 
@@ -97,7 +98,7 @@ def test_auto_precision_measures_and_needs_a_margin(monkeypatch):
 
     speeds = {"float32": 200.0, "bfloat16": 900.0, "float16": 40.0}
     monkeypatch.setattr(runtime, "matmul_gflops", lambda dtype, device="cpu": speeds[str(dtype).split(".")[1]])
-    settings = {"precision": "auto", "late_fit_overrides": {}}
+    settings = {"precision": "auto", "late_fit_overrides": {}, "late_sample_overrides": {}}
     assert resolve_precision(settings) == ("bfloat16", speeds)  # 900 / 200 = 4.5x
     speeds["bfloat16"] = 240.0  # 1.2x: not worth mixed precision
     assert resolve_precision(settings)[0] == "float32"

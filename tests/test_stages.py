@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from lightning.pytorch import Trainer
 
@@ -101,3 +102,18 @@ def test_supervised_stages_honour_bf16_mixed_on_cpu(tiny_model_dir, tmp_path):
     assert all(p.dtype == torch.float32 for p in rm.model.parameters())
     (_, before), (_, after) = rm.eval_history[0], rm.eval_history[-1]
     assert after["val/loss"] < before["val/loss"]
+
+
+@pytest.mark.parametrize("limit, expected", [
+    (3, 3),        # an int: that many batches
+    (0.25, 2),     # a share: int(10 * 0.25) = 2 of the 10 batches
+    (0.01, 1),     # int(10 * 0.01) = 0, but a share above 0 keeps at least one
+    (1.0, None),   # all of them (Lightning's default)
+    (0.0, 0),      # validation off
+])
+def test_step0_validation_honours_limit_val_batches(limit, expected):
+    from types import SimpleNamespace
+
+    from lightning_rlhf.algorithms.stage import val_batch_limit
+
+    assert val_batch_limit(SimpleNamespace(limit_val_batches=limit, val_dataloaders=list(range(10)))) == expected

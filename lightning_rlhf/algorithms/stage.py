@@ -14,6 +14,8 @@ Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
 
 from __future__ import annotations
 
+import itertools
+
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -113,7 +115,7 @@ class Stage(LightningModule):
             return
         model = self.trained_model()
         model.eval()
-        for batch in trainer.val_dataloaders:
+        for batch in itertools.islice(trainer.val_dataloaders, val_batch_limit(trainer)):
             self.validate_batch(batch)
         model.train()
         metrics = self.val_metrics.compute()
@@ -167,3 +169,14 @@ class SupervisedStage(Stage):
 
     def lr_schedule(self) -> tuple[str, int]:
         return self.schedule
+
+
+def val_batch_limit(trainer: Any) -> int | None:
+    """How many validation batches `trainer.limit_val_batches` allows (an int: that many; a float: that share
+    of the loader, at least one; 1.0: all, None), so the step-0 validation honours it like Lightning's own."""
+    limit = trainer.limit_val_batches
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        return limit
+    if limit is None or float(limit) >= 1.0:
+        return None
+    return max(1, int(len(trainer.val_dataloaders) * float(limit))) if float(limit) > 0 else 0
