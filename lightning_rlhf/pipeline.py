@@ -106,7 +106,7 @@ def resolve_precision(settings: dict) -> tuple[str | None, dict[str, float]]:
     value = settings.get("precision")
     if value is None:
         return None, {}
-    from lightning_rlhf.algorithms.runtime import TRAINER_PRECISION, fastest_dtype, matmul_gflops
+    from lightning_rlhf.algorithms.runtime import TRAINER_PRECISION, fastest_dtype, matmul_speeds
 
     by_flag = {flag: dtype for dtype, flag in TRAINER_PRECISION.items()}
     if value != "auto":
@@ -115,10 +115,9 @@ def resolve_precision(settings: dict) -> tuple[str | None, dict[str, float]]:
         return by_flag[str(value)], {}
     import torch
 
-    overrides = {**(settings.get("fit_overrides") or {}), **settings["late_fit_overrides"]}
+    overrides = {**(settings.get("fit_overrides") or {}), **(settings.get("late_fit_overrides") or {})}
     wants_gpu = str(overrides.get("trainer.accelerator", "cpu")) in ("gpu", "cuda", "auto")
-    device = "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
-    speeds = {n: matmul_gflops(getattr(torch, n), device=device) for n in ("float32", "bfloat16", "float16")}
+    speeds = matmul_speeds("cuda" if wants_gpu and torch.cuda.is_available() else "cpu")
     return fastest_dtype(speeds), speeds
 
 
@@ -126,12 +125,12 @@ def _precision_flags(st: dict, dtype: str | None) -> list[str]:
     """The flags that put a stage in `dtype`: trainer.precision (+ rollout.dtype for RL stages), or --dtype."""
     if dtype is None:
         return []
-    sampled = "null" if dtype == "float32" else dtype
     if "sample" in st:
         return [] if dtype == "float32" else ["--dtype", dtype]
     from lightning_rlhf.algorithms.runtime import TRAINER_PRECISION
 
     flags = ["--trainer.precision", TRAINER_PRECISION[dtype]]
+    sampled = "null" if dtype == "float32" else dtype  # null: sample in the weights' own dtype
     return flags + (["--model.init_args.rollout.dtype", sampled] if _is_rl(st["recipe"]) else [])
 
 

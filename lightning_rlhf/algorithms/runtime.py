@@ -85,9 +85,14 @@ def fastest_dtype(speeds: dict[str, float], margin: float = 1.3) -> str:
     return "float32"
 
 
+def matmul_speeds(device: str = "cpu") -> dict[str, float]:
+    """{dtype: GFLOP/s} of fp32, bf16 and fp16 matmuls on `device`."""
+    return {name: matmul_gflops(getattr(torch, name), device=device) for name in ("float32", "bfloat16", "float16")}
+
+
 def precision_report(device: str = "cpu") -> tuple[dict[str, float], str]:
     """({dtype: GFLOP/s}, a recommendation) for fp32, bf16 and fp16 matmuls on `device`."""
-    speeds = {name: matmul_gflops(getattr(torch, name), device=device) for name in ("float32", "bfloat16", "float16")}
+    speeds = matmul_speeds(device)
     best = fastest_dtype(speeds)
     if best == "float32":
         return speeds, ("float32 is as fast as any other precision here: keep the recipes' precision: 32-true "
