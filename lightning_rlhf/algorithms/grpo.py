@@ -53,11 +53,11 @@ class GRPO(RLStage):
         adv, _ = self.advantages(outcome_rewards(scores, ro.response_mask), ro.response_mask,     # 3
                                  ro.group_size)
         ref_logp = self.reference_logprobs(ro)
+        self.last_rollout = {"prompts": batch["prompt"], "rollout": ro, "rewards": rewards, "advantages": adv}
         t1 = time.perf_counter()
         stats = self.update(ro, adv, ref_logp)                                                    # 4
-        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **old_stats, **stats}
-        groups = scores.view(-1, ro.group_size)
-        metrics["train/frac_zero_std_groups"] = float((groups.std(dim=1, unbiased=True) < 1e-8).float().mean())
+        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1, self.world_size()),
+                   **old_stats, **stats}
         self.log_step(metrics, batch)
 
     def update(self, ro: Rollout, adv: Tensor, ref_logp: Tensor | None) -> dict[str, float]:

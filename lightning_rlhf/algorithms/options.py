@@ -41,6 +41,9 @@ class RolloutOptions:
         engine_kwargs: settings passed to the engine's constructor (e.g. max_batch_size).
         dtype: sampling precision (float32, bfloat16, float16; None: the policy's). `python -m lightning_rlhf
             doctor` says which is faster on this machine.
+        sampling_seed: keyed sampling (static engine): each response's random numbers are a function of this
+            seed, the training step, the prompt text and the sample's index, so a prompt gets the same
+            responses on any number of ranks, in any batch, and after a resume. None: torch's generator.
     """
 
     num_generations: int = 8
@@ -53,6 +56,7 @@ class RolloutOptions:
     engine: str = "static"
     engine_kwargs: dict[str, Any] = field(default_factory=dict)
     dtype: str | None = None
+    sampling_seed: int | None = None
 
 
 @dataclass(frozen=True)

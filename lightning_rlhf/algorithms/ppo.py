@@ -39,13 +39,32 @@ from lightning_rlhf.algorithms.options import (
 from lightning_rlhf.algorithms.rl_stage import RLStage, disable_dropout, rollout_metrics
 from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.functional import (
-    adaptive_kl_coef, explained_variance, masked_mean, masked_sum, masked_whiten_all, token_level_rewards, value_loss,
+    adaptive_kl_coef, masked_sum, masked_whiten_all, token_level_rewards, value_loss,
 )
-from lightning_rlhf.models import load_critic, looks_local, token_values
+from lightning_rlhf.models import apply_lora, load_critic, looks_local, token_values
 from lightning_rlhf.rollout import Rollout
 
 CRITIC_INITS = ("reward_model", "policy")
 RM_HINT = "train one with `python -m lightning_rlhf fit --config recipes/reward_model/tiny_arithmetic.yaml`"
+
+
+def value_metrics(values: Tensor, returns: Tensor, mask: Tensor) -> dict[str, float]:
+    """train/values, train/returns (means over real tokens) and train/explained_variance (1 - Var[returns -
+    values] / Var[returns], population variances as `explained_variance`), over the tokens of every rank:
+    Var[x] = E[x^2] - E[x]^2 from synchronised means (float64)."""
+    ret, res = returns.double(), (returns - values).double()
+    means = Means()
+    for name, x in (("train/values", values.double()), ("train/returns", ret), ("res", res)):
+        means.update(name, x, mask)
+        means.update(name + "_sq", x * x, mask)
+    m = means.compute()
+    ret_sq = m.pop("train/returns_sq")
+    var_ret = ret_sq - m["train/returns"] ** 2
+    var_res = m.pop("res_sq") - m.pop("res") ** 2
+    m.pop("train/values_sq")
+    # equal returns leave E[x^2] - E[x]^2 at rounding level: nothing to explain (NaN), as explained_variance
+    m["train/explained_variance"] = 1.0 - var_res / var_ret if var_ret > 1e-12 * max(1.0, ret_sq) else float("nan")
+    return m
 
 
 def response_values(critic: torch.nn.Module, ro: Rollout) -> Tensor:
@@ -97,7 +116,8 @@ class PPO(RLStage):
         self.adaptive_kl, self.kl_target, self.kl_horizon, self.target_kl = adaptive_kl, kl_target, kl_horizon, target_kl
         self.score_clip, self.score_norm = score_clip, score_norm
         self.critic_source = self._critic_source()
-        self.critic = disable_dropout(load_critic(self.critic_source, dtype=self.model_dtype)).train()
+        critic = apply_lora(load_critic(self.critic_source, dtype=self.model_dtype), self.lora_cfg, "token_cls")
+        self.critic = disable_dropout(critic).train()  # with `lora`: adapters + a trainable value head
         vocab = [m.config.get_text_config().vocab_size for m in (self.policy, self.critic)]
         if vocab[0] != vocab[1]:
             raise ConfigError(f"critic '{self.critic_source}' has a vocabulary of {vocab[1]} tokens, the policy "
@@ -130,15 +150,15 @@ class PPO(RLStage):
         ro, old_stats = self.old_logprobs(ro)
         kl_coef = self.kl_coef                                                                        # used in 3
         targets = self.compute_targets(ro, rewards.total.to(self.device))                             # 3-5
+        self.last_rollout = {"prompts": batch["prompt"], "rollout": ro, "rewards": rewards,
+                             "advantages": targets["advantages"]}
         t1 = time.perf_counter()
         stats = self.update(ro, targets["advantages"], targets["old_values"], targets["returns"])     # 6
-        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1), **old_stats, **stats}
+        metrics = {**rollout_metrics(ro, rewards, t1 - t0, time.perf_counter() - t1, self.world_size()),
+                   **old_stats, **stats}
         metrics["train/kl_coef"] = kl_coef
         metrics.update(self.adapt_kl_coef(targets["kl"], ro.response_mask))                          # 7
-        mask, values, returns = ro.response_mask, targets["old_values"], targets["returns"]
-        metrics["train/explained_variance"] = float(explained_variance(values, returns, mask))
-        metrics["train/values"] = float(masked_mean(values, mask))
-        metrics["train/returns"] = float(masked_mean(returns, mask))
+        metrics.update(value_metrics(targets["old_values"], targets["returns"], ro.response_mask))
         self.log_step(metrics, batch)
 
     def adapt_kl_coef(self, kl: Tensor, mask: Tensor) -> dict[str, float]:
@@ -147,14 +167,16 @@ class PPO(RLStage):
         The controller reads the KL per response (sum over its tokens, mean over the responses of all ranks)
         and counts the responses of all ranks as n_steps, as in Ziegler et al.'s code. Without a reference
         model (beta = 0) there is no KL to report."""
-        if self.ref is None:
+        if self.ref is None and not self.ref_is_base:
             return {}
-        seq_kl = masked_sum(kl, mask, dim=-1).mean()
+        means = Means()
+        means.update("train/kl", kl, mask)
+        means.update("train/kl_seq", masked_sum(kl, mask, dim=-1))
+        m = means.compute()
         if self.adaptive_kl:
-            mean_kl = float(self.trainer.strategy.reduce(seq_kl, reduce_op="mean"))
-            n = kl.shape[0] * self.trainer.world_size
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, mean_kl, self.kl_target, self.kl_horizon, n)
-        return {"train/kl": float(masked_mean(kl, mask)), "train/kl_seq": float(seq_kl)}
+            n = kl.shape[0] * self.world_size()
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, m["train/kl_seq"], self.kl_target, self.kl_horizon, n)
+        return m
 
     @torch.no_grad()
     def compute_targets(self, ro: Rollout, scores: Tensor) -> dict[str, Tensor]:

@@ -5,7 +5,8 @@ minimises `-log sigmoid(R(chosen) - R(rejected) - margin)` (InstructGPT eq. 1; `
 optional per-pair margin column). The model is `AutoModelForSequenceClassification` with one label,
 loaded from any causal-LM dir (InstructGPT starts it from the SFT model) or an encoder. Logs
 `train/loss`, `val/loss`, `val/accuracy` (share of pairs ranked right) and `val/margin`, and writes an
-HF-format dir that the RL stages load as the `reward_model` reward.
+HF-format dir that the RL stages load as the `reward_model` reward. With `lora` the body trains LoRA adapters
+and the score head trains in full (`models/lora.py`); export them `merged` for the `reward_model` reward.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from lightning_rlhf.algorithms.stage import SupervisedStage
 from lightning_rlhf.functional import bradley_terry_loss
-from lightning_rlhf.models import load_reward_model, load_tokenizer, require_checkpoint, score_sequences
+from lightning_rlhf.models import apply_lora, load_reward_model, load_tokenizer, require_checkpoint, score_sequences
 from lightning_rlhf.models.chat import format_conversation
 
 
@@ -26,7 +27,7 @@ class RewardModel(SupervisedStage):
     Args:
         model: HF id or local dir to start from (a causal LM gets a fresh scalar head).
         use_margin: read a `margin` column from the data and subtract it inside the sigmoid.
-        **kwargs: output_dir, produced_by, optimizer, lr_schedule, warmup_steps, max_length, val_on_start
+        **kwargs: output_dir, produced_by, optimizer, lr_schedule, warmup_steps, max_length, val_on_start, lora
             (`SupervisedStage`).
     """
 
@@ -35,7 +36,7 @@ class RewardModel(SupervisedStage):
         require_checkpoint(model, self.produced_by)
         self.use_margin = use_margin
         self.tokenizer = load_tokenizer(model, padding_side="right")
-        self.model = load_reward_model(model).train()
+        self.model = apply_lora(load_reward_model(model), self.lora_cfg, "seq_cls").train()
 
     def trained_model(self) -> torch.nn.Module:
         return self.model

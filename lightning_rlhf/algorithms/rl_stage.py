@@ -15,6 +15,7 @@ serve as the "old" policy (dropout is disabled so a teacher-forced pass reproduc
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator
 
@@ -35,12 +36,14 @@ from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
 from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.functional import (
-    ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_mean, masked_whiten_all,
+    ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_whiten_all,
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_prompts
+from lightning_rlhf.models.lora import LoraOptions, adapters_disabled, apply_lora, lora_plan_lines
 from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
+from lightning_rlhf.rollout.keyed import prompt_keys
 
 
 OLD_LOGPROBS = ("auto", "sampling", "recompute")
@@ -60,12 +63,17 @@ class MicroBatch:
     last: bool
 
 
-def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str) -> Iterator[MicroBatch]:
+def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str,
+                  token_norm: Callable[[Tensor], Tensor] | None = None) -> Iterator[MicroBatch]:
     """`epochs` passes over `ro`, each in a fresh random order, cut into mini-batches of `mini` rows (one
     optimizer step each) and micro-batches of `micro` rows (one backward each). When both sizes hold whole
     groups, groups are shuffled as units, so the rows of one prompt stay in one micro-batch. A micro-batch's weight makes
     the accumulated gradient that of the whole mini-batch: its share of real tokens for token-mean, its
-    share of rows for the per-sequence aggregations."""
+    share of rows for the per-sequence aggregations.
+
+    `token_norm` maps this rank's mini-batch token count to the count token-mean divides by; data parallel
+    passes (sum over ranks) / world size, so that after DDP averages the gradients over ranks the loss is the
+    mean over the tokens of every rank's mini-batch, not a mean of per-rank means."""
     n, g = len(ro), ro.group_size
     whole_groups = g > 1 and mini % g == 0 and micro % g == 0
     for epoch in range(epochs):
@@ -76,7 +84,8 @@ def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str) -> 
             perm = torch.randperm(n, device=ro.response_ids.device)
         batches = perm.split(mini)
         for k, mb_idx in enumerate(batches):
-            mb_tokens = ro.response_mask[mb_idx].sum().clamp(min=1)
+            mb_tokens = ro.response_mask[mb_idx].sum()
+            mb_tokens = mb_tokens.clamp(min=1) if token_norm is None else token_norm(mb_tokens)
             parts = mb_idx.split(micro)
             for j, idx in enumerate(parts):
                 part = ro.select(idx)
@@ -93,20 +102,30 @@ def repeat_columns(batch: dict[str, list], g: int) -> tuple[list[str], dict[str,
     return rep.pop("prompt"), rep
 
 
-def rollout_metrics(ro: Rollout, rewards: RewardOutput, rollout_s: float, update_s: float) -> dict[str, float]:
-    """The reward/length/timing metrics every RL stage logs for a step."""
-    total, lengths = rewards.total.float(), ro.response_lengths.float()
-    m = {
-        "train/reward": float(total.mean()),
-        "train/reward_std": float(total.std()) if total.numel() > 1 else 0.0,
-        "train/response_length": float(lengths.mean()),
-        "train/truncated_fraction": float(ro.truncated.float().mean()),
-        "train/reward_errors": float(rewards.errors),
-        "perf/rollout_s": rollout_s,
-        "perf/update_s": update_s,
-        "perf/tokens_per_s": float(lengths.sum()) / max(rollout_s + update_s, 1e-9),
-    }
-    m.update({f"train/rewards/{name}": float(v.float().mean()) for name, v in rewards.per_reward.items()})
+def rollout_metrics(ro: Rollout, rewards: RewardOutput, rollout_s: float, update_s: float,
+                    world_size: int = 1) -> dict[str, float]:
+    """The reward/length/timing metrics every RL stage logs for a step: means over the rows of every rank
+    (`Means` synchronises them; every rank holds the same number of rows), the reward's unbiased std over all
+    rows, the reward errors of all ranks, and this rank's timings (perf/tokens_per_s: every rank's tokens)."""
+    dev = ro.response_ids.device
+    total, lengths = rewards.total.to(dev, torch.float64), ro.response_lengths.to(torch.float64)
+    means = Means()
+    means.update("train/reward", total)
+    means.update("reward_sq", total**2)
+    means.update("train/response_length", lengths)
+    means.update("train/truncated_fraction", ro.truncated.to(torch.float64))
+    means.update("errors_per_row", torch.full((len(ro),), float(rewards.errors) / len(ro), device=dev))
+    for name, v in rewards.per_reward.items():
+        means.update(f"train/rewards/{name}", v.to(dev, torch.float64))
+    if ro.group_size > 1:  # groups whose G rewards are all equal: zero advantage under group normalisation
+        groups = total.view(-1, ro.group_size)
+        means.update("train/frac_zero_std_groups", (groups.std(dim=1, unbiased=True) < 1e-8).to(torch.float64))
+    m, n = means.compute(), len(ro) * world_size
+    mean, sq = m["train/reward"], m.pop("reward_sq")
+    m["train/reward_std"] = math.sqrt(max(sq - mean * mean, 0.0) * n / (n - 1)) if n > 1 else 0.0
+    m["train/reward_errors"] = m.pop("errors_per_row") * n
+    m.update({"perf/rollout_s": rollout_s, "perf/update_s": update_s,
+              "perf/tokens_per_s": m["train/response_length"] * n / max(rollout_s + update_s, 1e-9)})
     return m
 
 
@@ -123,13 +142,18 @@ def disable_dropout(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_policy_and_ref(policy: str, ref_model: str | None, beta: float, produced_by: str | None,
-                        gguf_file: str | None, dtype: str, ref_dtype: str | None = None) -> tuple[Any, Any, Any]:
-    """The trainable policy (dropout off), its tokenizer and, only when beta > 0, a frozen reference."""
+                        gguf_file: str | None, dtype: str, ref_dtype: str | None = None,
+                        lora: LoraOptions | None = None) -> tuple[Any, Any, Any]:
+    """The trainable policy (dropout off; LoRA adapters with `lora`), its tokenizer and, only when beta > 0, a
+    frozen reference: none with `lora` and no `ref_model` (the reference is the policy with adapters off)."""
+    if lora is not None and ref_model is None and ref_dtype is not None:
+        raise ConfigError("ref_dtype: with lora the reference is the policy's own base weights (adapters off), "
+                          "not a second copy; drop ref_dtype (or set ref_model to load a separate reference)")
     require_checkpoint(policy, produced_by)
     tokenizer = load_tokenizer(policy)
-    model = disable_dropout(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype)).train()
+    model = disable_dropout(apply_lora(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype), lora)).train()
     ref = None
-    if beta > 0:
+    if beta > 0 and (lora is None or ref_model is not None):
         ref_path = ref_model or policy
         require_checkpoint(ref_path, produced_by)
         ref = disable_dropout(load_causal_lm(ref_path, gguf_file=gguf_file if ref_model is None else None,
@@ -171,6 +195,7 @@ class RLStage(Stage):
         val_accuracy_reward: reward whose 0/1 score is val/accuracy (the task's exact-answer check).
         val_max_new_tokens: generation budget of validation (default: rollout.max_new_tokens).
         val_on_start: validate before the first update (logged at step 0).
+        lora: train LoRA adapters (`models/lora.py`); the reference is then the policy with adapters off.
     """
 
     def __init__(
@@ -192,8 +217,9 @@ class RLStage(Stage):
         val_accuracy_reward: str = "accuracy",
         val_max_new_tokens: int | None = None,
         val_on_start: bool = True,
+        lora: LoraOptions | None = None,
     ) -> None:
-        super().__init__(optimizer, val_on_start, output_dir)
+        super().__init__(optimizer, val_on_start, output_dir, lora)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.rollout_cfg, self.advantage_cfg = as_options(RolloutOptions, rollout), as_options(AdvantageOptions, advantage)
@@ -204,13 +230,17 @@ class RLStage(Stage):
         self.reward_fn = CombinedReward(rewards if rewards is not None else {"accuracy": 1.0})
         self.val_accuracy = build_reward(parse_reward_specs({val_accuracy_reward: 1.0})[0])
         self.policy, self.ref, self.tokenizer = load_policy_and_ref(
-            policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype)
+            policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype, self.lora_cfg)
+        self.ref_is_base = self.ref is None and self.lora_cfg is not None and self.loss_cfg.beta > 0
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
         if self.rollout_cfg.dtype is not None:  # engines take the sampling precision as `dtype`
             engine_kwargs.setdefault("dtype", self.rollout_cfg.dtype)
         self.engine = ROLLOUT_ENGINES.get(self.rollout_cfg.engine)(**engine_kwargs)
+        if self.rollout_cfg.sampling_seed is not None and not self.engine.supports_keys:
+            raise ConfigError(f"rollout.sampling_seed needs an engine that samples with keys (static); "
+                              f"rollout.engine={self.rollout_cfg.engine!r} does not: use engine static or drop the seed")
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
@@ -224,12 +254,14 @@ class RLStage(Stage):
         """Sample `num_generations` responses per prompt and score them with the weighted rewards."""
         r, tok = self.rollout_cfg, self.tokenizer
         ids, mask = encode_prompts(tok, batch["prompt"], r.max_prompt_length)
-        ro = self.engine.generate(
-            self.policy, ids.to(self.device), mask.to(self.device), num_generations=r.num_generations,
-            max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
-            top_p=r.top_p, top_k=r.top_k,
-            eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-        )
+        keys = None if r.sampling_seed is None else prompt_keys(batch["prompt"], r.sampling_seed, self.global_step)
+        with self.full_parameters(self.policy):
+            ro = self.engine.generate(
+                self.policy, ids.to(self.device), mask.to(self.device), num_generations=r.num_generations,
+                max_new_tokens=r.max_new_tokens, min_new_tokens=r.min_new_tokens, temperature=r.temperature,
+                top_p=r.top_p, top_k=r.top_k,
+                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, prompt_keys=keys,
+            )
         prompts, columns = repeat_columns(batch, ro.group_size)
         return ro, self.reward_fn(prompts, ro.decode(tok), columns)
 
@@ -251,17 +283,21 @@ class RLStage(Stage):
         idx = torch.arange(len(ro), device=ro.response_ids.device)
         chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
         fresh = torch.cat([sequence_logprobs(self.policy, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
-        diff = float(masked_mean((fresh - ro.logprobs).abs(), ro.response_mask))
-        return replace(ro, logprobs=fresh), {"train/old_logprob_diff": diff}
+        diff = Means()
+        diff.update("train/old_logprob_diff", (fresh - ro.logprobs).abs(), ro.response_mask)
+        return replace(ro, logprobs=fresh), diff.compute()
 
     @torch.no_grad()
     def reference_logprobs(self, ro: Rollout) -> Tensor | None:
-        """Log-probs of the rollout under the frozen reference, micro_batch_size responses per forward."""
-        if self.ref is None:
+        """Log-probs of the rollout under the frozen reference (LoRA: the policy with its adapters off),
+        micro_batch_size responses per forward."""
+        if self.ref is None and not self.ref_is_base:
             return None
+        model = self.policy if self.ref_is_base else self.ref
         idx = torch.arange(len(ro), device=ro.response_ids.device)
         chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
-        return torch.cat([sequence_logprobs(self.ref, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
+        with adapters_disabled(model):
+            return torch.cat([sequence_logprobs(model, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
 
     def all_reduce_sum(self) -> Callable[[Tensor], Tensor] | None:
         """Element-wise sum over ranks for the estimators' batch statistics; None on one process."""
@@ -279,10 +315,15 @@ class RLStage(Stage):
             all_reduce=reduce)
         return (masked_whiten_all(adv, mask, reduce) if a.whiten else adv), returns
 
+    def world_size(self) -> int:
+        return 1 if self._trainer is None else self.trainer.world_size
+
     def micro_batches(self, ro: Rollout) -> Iterator[MicroBatch]:
-        o = self.optim_cfg
+        """This rank's mini/micro-batches; token-mean weights count the tokens of every rank."""
+        o, reduce, world = self.optim_cfg, self.all_reduce_sum(), self.world_size()
         mini, micro = check_batch_sizes(len(ro), o.mini_batch_size, o.micro_batch_size)
-        return micro_batches(ro, o.epochs, mini, micro, self.loss_cfg.agg)
+        norm = None if reduce is None else (lambda t: reduce(t.clone()).clamp(min=1) / world)
+        return micro_batches(ro, o.epochs, mini, micro, self.loss_cfg.agg, norm)
 
     def policy_loss(self, part: Rollout, adv: Tensor, ref_logp: Tensor | None) -> tuple[Tensor, dict[str, Tensor]]:
         """The `loss.name` policy loss of one micro-batch (touches only the policy)."""
@@ -315,9 +356,10 @@ class RLStage(Stage):
     # ---- validation and the run around it ------------------------------------------------------------
     def validate_batch(self, batch: dict[str, list]) -> None:
         """Greedy completions of held-out prompts -> val/accuracy (exact task answer), val/reward, length."""
-        completions, lengths = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
-                                             max_new_tokens=self.val_max_new_tokens,
-                                             max_prompt_length=self.rollout_cfg.max_prompt_length)
+        with self.full_parameters(self.policy):
+            completions, lengths = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
+                                                 max_new_tokens=self.val_max_new_tokens,
+                                                 max_prompt_length=self.rollout_cfg.max_prompt_length)
         columns = {k: v for k, v in batch.items() if k != "prompt"}
         self.val_metrics.update("val/accuracy", self.val_accuracy(batch["prompt"], completions, **columns))
         self.val_metrics.update("val/reward", self.reward_fn(batch["prompt"], completions, columns).total)
@@ -332,8 +374,9 @@ class RLStage(Stage):
 
     def on_train_start(self) -> None:
         lines = plan_lines(type(self).__name__, self.trainer, self.rollout_cfg, self.optim_cfg, self.loss_cfg,
-                           self.advantage_cfg.estimator, self.reward_fn.names, self.ref is not None)
-        lines += self.extra_plan_lines()
+                           self.advantage_cfg.estimator, self.reward_fn.names,
+                           self.ref is not None or self.ref_is_base)
+        lines += self.extra_plan_lines() + lora_plan_lines(self.policy, self.lora_cfg, self.ref_is_base)
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
         super().on_train_start()

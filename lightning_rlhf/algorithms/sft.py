@@ -4,7 +4,8 @@ Each step: chat-format the prompt, append the completion and eos, and minimise t
 the completion tokens only (mean over all completion tokens of the batch). Validation reports the same
 loss and the exact-answer accuracy of greedy generations on held-out prompts, once before training
 (step 0) and at every validation. At the end the policy is written as an HF-format dir (`output_dir`),
-which later stages take as `policy:`. Simplified: single-turn prompts, no sequence packing.
+which later stages take as `policy:`. With `lora` only LoRA adapters train (`models/lora.py`).
+Simplified: single-turn prompts, no sequence packing.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text, language_mixed_share
-from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
+from lightning_rlhf.models import apply_lora, load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_completions
 from lightning_rlhf.rewards import accuracy_reward
 from lightning_rlhf.rollout import ROLLOUT_ENGINES
@@ -31,7 +32,7 @@ class SFT(SupervisedStage):
         max_prompt_length: prompt tokens kept for the validation generations.
         val_max_new_tokens: generation budget for the validation accuracy.
         rollout_engine: engine used for the validation generations.
-        **kwargs: output_dir, produced_by, optimizer, lr_schedule, warmup_steps, max_length, val_on_start
+        **kwargs: output_dir, produced_by, optimizer, lr_schedule, warmup_steps, max_length, val_on_start, lora
             (`SupervisedStage`).
     """
 
@@ -41,7 +42,7 @@ class SFT(SupervisedStage):
         require_checkpoint(policy, self.produced_by)
         self.max_prompt_length, self.val_max_new_tokens = max_prompt_length, val_max_new_tokens
         self.tokenizer = load_tokenizer(policy)
-        self.policy = load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype).train()
+        self.policy = apply_lora(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype), self.lora_cfg).train()
         self.engine = ROLLOUT_ENGINES.get(rollout_engine)()
 
     def trained_model(self) -> torch.nn.Module:
@@ -71,9 +72,10 @@ class SFT(SupervisedStage):
             loss_sum, n_tokens = self._loss_sums(batch)
         self.val_metrics.update("val/loss", loss_sum.double() / n_tokens.clamp(min=1), n_tokens)
         if "answer" in batch:
-            completions, _ = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
-                                           max_new_tokens=self.val_max_new_tokens,
-                                           max_prompt_length=self.max_prompt_length)
+            with self.full_parameters(self.policy):
+                completions, _ = generate_text(self.policy, self.tokenizer, self.engine, batch["prompt"],
+                                               max_new_tokens=self.val_max_new_tokens,
+                                               max_prompt_length=self.max_prompt_length)
             self.val_metrics.update("val/accuracy", accuracy_reward(batch["prompt"], completions, answer=batch["answer"]))
             if mixed := language_mixed_share(batch, completions):
                 self.val_metrics.update("val/language_mixed", mixed)

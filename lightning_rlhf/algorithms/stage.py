@@ -6,7 +6,8 @@ It owns the parts that are the same in all four:
     `eval_history`, which the run summary reads;
   - the optimizer, built from the injected `optimizer` callable (any `torch.optim` class in YAML), with
     the LR schedule of `lr_schedule()` over the run's optimizer steps;
-  - export of the trained model(s) as HF-format directories at the end of fit (global rank 0).
+  - export of the trained model(s) as HF-format directories at the end of fit (global rank 0); with `lora`
+    (`models/lora.py`) the adapters merged into a plain HF directory, or PEFT's adapter directory.
 A stage provides `validate_batch(batch)`, `trained_model()`, `lr_schedule()` and, if it writes more than
 one model, `exports()`. `SupervisedStage` adds the arguments SFT and the reward model share.
 Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
@@ -17,7 +18,7 @@ from __future__ import annotations
 import itertools
 
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from lightning.pytorch import LightningModule
@@ -25,8 +26,10 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_rlhf.algorithms.metrics import Means
 from lightning_rlhf.algorithms.schedules import make_scheduler
+from lightning_rlhf.algorithms.sharding import full_parameters
 from lightning_rlhf.models import save_hf
 from lightning_rlhf.models.chat import encode_prompts
+from lightning_rlhf.models.lora import LoraOptions, as_lora, export_lora, is_peft
 
 OptimizerFn = Callable[[Any], torch.optim.Optimizer]
 
@@ -38,10 +41,14 @@ def total_training_steps(trainer: Any) -> int:
     return int(trainer.estimated_stepping_batches)
 
 
-def export_hf(model: Any, tokenizer: Any, output_dir: str | None, trainer: Any) -> Path | None:
-    """Save `model` and `tokenizer` as an HF-format directory on global rank 0; None when not written."""
+def export_hf(model: Any, tokenizer: Any, output_dir: str | None, trainer: Any,
+              lora: LoraOptions | None = None) -> Path | None:
+    """Save `model` and `tokenizer` as an HF-format directory on global rank 0; None when not written. A PEFT
+    model is written as `lora.export` says: merged (a plain HF dir) or adapter (PEFT's adapter dir)."""
     if output_dir is None or (trainer is not None and not trainer.is_global_zero):
         return None
+    if is_peft(model):
+        return export_lora(model, tokenizer, Path(output_dir), lora.export if lora else "merged", save_hf)
     return save_hf(model, tokenizer, Path(output_dir))
 
 
@@ -70,9 +77,10 @@ def language_mixed_share(batch: dict[str, list], completions: Sequence[str]) -> 
 class Stage(LightningModule):
     """Validation lifecycle, optimizer + schedule and export shared by every stage (see module docstring)."""
 
-    def __init__(self, optimizer: OptimizerFn, val_on_start: bool, output_dir: str | None) -> None:
+    def __init__(self, optimizer: OptimizerFn, val_on_start: bool, output_dir: str | None,
+                 lora: LoraOptions | None = None) -> None:
         super().__init__()
-        self.optimizer_fn = optimizer
+        self.optimizer_fn, self.lora_cfg = optimizer, as_lora(lora)
         self.val_on_start = val_on_start
         self.output_dir = output_dir
         self.val_metrics = Means()
@@ -80,6 +88,10 @@ class Stage(LightningModule):
         self.export_dir: Path | None = None
 
     # ---- what a stage provides -----------------------------------------------------------------------
+    def full_parameters(self, module: torch.nn.Module) -> ContextManager[None]:
+        """A context with `module`'s parameters whole on this rank under FSDP / ZeRO-3 (for generation)."""
+        return full_parameters(self._trainer.strategy if self._trainer is not None else None, module)
+
     def validate_batch(self, batch: dict[str, list]) -> None:
         raise NotImplementedError
 
@@ -127,8 +139,9 @@ class Stage(LightningModule):
 
     # ---- optimizer and export ------------------------------------------------------------------------
     def make_optimizer(self, fn: OptimizerFn, model: torch.nn.Module, schedule: tuple[str, int]) -> tuple[Any, Any]:
-        """(optimizer over `model`, its LR scheduler) for `total_training_steps` scheduler steps."""
-        opt = fn(model.parameters())
+        """(optimizer over the trainable parameters of `model` (LoRA: the adapters), its LR scheduler) for
+        `total_training_steps` scheduler steps."""
+        opt = fn([p for p in model.parameters() if p.requires_grad])
         return opt, make_scheduler(opt, schedule[0], schedule[1], total_training_steps(self.trainer))
 
     def configure_optimizers(self) -> Any:
@@ -136,7 +149,8 @@ class Stage(LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_train_end(self) -> None:
-        written = [export_hf(model, self.tokenizer, out, self.trainer) for model, out in self.exports()]
+        lora = self.lora_cfg
+        written = [export_hf(model, self.tokenizer, out, self.trainer, lora) for model, out in self.exports()]
         self.export_dir = written[0]
 
 
@@ -151,6 +165,7 @@ class SupervisedStage(Stage):
         warmup_steps: linear warmup steps of the schedule.
         max_length: tokens kept per training text (cut at the end).
         val_on_start: validate before the first update (logged at step 0).
+        lora: train LoRA adapters through PEFT instead of every weight (`models/lora.py`); null: full fine-tuning.
     """
 
     def __init__(
@@ -162,8 +177,9 @@ class SupervisedStage(Stage):
         warmup_steps: int = 0,
         max_length: int = 512,
         val_on_start: bool = True,
+        lora: LoraOptions | None = None,
     ) -> None:
-        super().__init__(optimizer, val_on_start, output_dir)
+        super().__init__(optimizer, val_on_start, output_dir, lora)
         self.save_hyperparameters()
         self.produced_by, self.schedule, self.max_length = produced_by, (lr_schedule, warmup_steps), max_length
 

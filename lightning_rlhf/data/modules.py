@@ -4,8 +4,9 @@ They yield RAW rows, collated column-wise by `collate_rows` into {column: [value
 the LightningModule's job (it owns the policy's tokenizer). Extra columns pass through untouched.
 
 Simplifications: data is loaded once per process in `setup()` and cached; the train loader shuffles with
-a `torch.Generator` seeded by `seed` (under DDP Lightning swaps in a DistributedSampler, seeded by
-`seed_everything`); no val source means no validation batches (`val_dataloader` returns []).
+a `torch.Generator` seeded by `seed`, epoch e reading the order of that loader's (e+1)-th pass; under data
+parallel each rank reads its share of that same order (`samplers.RankShareSampler`), so W ranks of B rows
+see what one process of B*W rows sees; no val source means no validation batches (`val_dataloader` returns []).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
+from lightning_rlhf.data.samplers import RankShareSampler
 from lightning_rlhf.data.sources import load_rows
 
 
@@ -64,7 +66,12 @@ class _RowsDataModule(pl.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        return self._loader(self.train_dataset, self.batch_size, self.shuffle, drop_last=self.DROP_LAST)
+        world, rank = (1, 0) if self.trainer is None else (self.trainer.world_size, self.trainer.global_rank)
+        # this rank's share of the one-process order, by epoch (Lightning keeps it and calls set_epoch)
+        sampler = RankShareSampler(len(self.train_dataset), self.batch_size, world, rank, self.shuffle, self.seed,
+                                   self.DROP_LAST)
+        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.DROP_LAST,
+                          collate_fn=collate_rows, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")

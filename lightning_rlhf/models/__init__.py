@@ -9,6 +9,7 @@ Importing the package gives every public name of its modules, so callers write
 - `loading.py`: loaders (`load_causal_lm`, `load_reward_model`, `load_critic`, `load_tokenizer`), forward
   helpers that are right for either padding side (`score_sequences`, `token_values`), `save_hf`,
   `require_checkpoint` and `gguf_to_hf`.
+- `lora.py`: LoRA through PEFT (`LoraOptions`, `apply_lora`, the adapters-off reference, merged/adapter export).
 - `chat.py`: chat formatting and tokenizing (`chat_prompts`, `encode_prompts`, `encode_completions`,
   `format_conversation`), shared by the stages and the reward-model scorer.
 """
@@ -28,12 +29,15 @@ from lightning_rlhf.models.loading import (
     score_sequences,
     token_values,
 )
+from lightning_rlhf.models.lora import LoraOptions, apply_lora, trainable_parameters, unwrap_peft
 from lightning_rlhf.models.tiny import build_tiny_model
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE, TAG_TOKENS, default_corpus, train_bpe_tokenizer
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "LoraOptions",
     "TAG_TOKENS",
+    "apply_lora",
     "build_tiny_model",
     "chat_prompts",
     "default_corpus",
@@ -53,4 +57,6 @@ __all__ = [
     "score_sequences",
     "token_values",
     "train_bpe_tokenizer",
+    "trainable_parameters",
+    "unwrap_peft",
 ]

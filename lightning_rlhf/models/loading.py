@@ -40,6 +40,7 @@ from transformers import (
 )
 
 from lightning_rlhf.errors import ConfigError, MissingFileError
+from lightning_rlhf.models.lora import is_adapter_dir, load_adapter_merged, unwrap_peft
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE
 
 _DTYPES: dict[str, Any] = {
@@ -148,14 +149,18 @@ def load_causal_lm(
     **kw: Any,
 ) -> PreTrainedModel:
     """AutoModelForCausalLM from a hub id or directory; `gguf_file` (a name inside that directory or a
-    path) loads a GGUF file, dequantised to float32 (needs the `gguf` and `accelerate` packages)."""
+    path) loads a GGUF file, dequantised to float32 (needs the `gguf` and `accelerate` packages). A PEFT
+    adapter directory (`lora.export: adapter`) loads as its base model with the adapters merged in."""
     name = require_checkpoint(name_or_path, produced_by)
     if gguf_file is not None:
         _require_gguf_packages()
-    model = _from_pretrained(
-        AutoModelForCausalLM, name, produced_by,
-        gguf_file=gguf_file, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
-    )  # fmt: skip
+    if is_adapter_dir(name):
+        model = load_adapter_merged(name, _dtype(dtype))
+    else:
+        model = _from_pretrained(
+            AutoModelForCausalLM, name, produced_by,
+            gguf_file=gguf_file, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
+        )  # fmt: skip
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and model.config.pad_token_id is not None:
         gen.pad_token_id = model.config.pad_token_id
@@ -244,8 +249,10 @@ def score_sequences(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
     """(B,) float32 reward: the `score` head applied at the last real token of each row.
 
     Works for left or right padding and for pad == eos. Models without a `score` head (e.g. BERT-style
-    classifiers, which pool the first token) fall back to their own `logits[:, 0]`.
+    classifiers, which pool the first token) fall back to their own `logits[:, 0]`. A PEFT (LoRA) model is
+    run through its base model, which applies the adapters.
     """
+    model = unwrap_peft(model)
     score = getattr(model, "score", None)
     if not isinstance(score, torch.nn.Module):
         return model(input_ids=input_ids, attention_mask=attention_mask).logits[:, 0].float()
@@ -260,8 +267,8 @@ def score_sequences(model: PreTrainedModel, input_ids: torch.Tensor, attention_m
 
 def token_values(critic: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) float32 value of every position (0 on padding); positions come from the mask, so left and
-    right padding give the same values for the same tokens."""
-    out = critic(
+    right padding give the same values for the same tokens. A PEFT (LoRA) critic runs as its base model."""
+    out = unwrap_peft(critic)(
         input_ids=input_ids, attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask), use_cache=False,
     )  # fmt: skip

@@ -150,7 +150,8 @@ class SamplingParams:
     `num_generations` responses per prompt (consecutive rows), at most `max_new_tokens` each. top_k=0
     and top_p=1.0 disable those filters; greedy=True takes the argmax (temperature, top_p, top_k
     ignored; logprobs at temperature 1). `eos_token_id` (one id or several) and `pad_token_id` are
-    required.
+    required. `prompt_keys` ((B,) int64, see `keyed.py`) makes each response's random numbers a function of
+    its key instead of torch's generator; only engines that say so (`supports_keys`) accept them.
     """
 
     eos_token_id: int | Sequence[int] | None
@@ -162,6 +163,7 @@ class SamplingParams:
     top_k: int = 0
     greedy: bool = False
     min_new_tokens: int = 0
+    prompt_keys: Tensor | None = None
 
     @property
     def eos_ids(self) -> list[int]:
@@ -174,8 +176,11 @@ class RolloutEngine(abc.ABC):
 
     `generate` checks the arguments once; an engine implements `_generate`, which gets them checked. An
     engine's constructor takes its settings (`rollout.engine_kwargs`) and, when `rollout.dtype` is set, the
-    sampling precision as `dtype` ("float32", "bfloat16", "float16").
+    sampling precision as `dtype` ("float32", "bfloat16", "float16"). An engine that samples with
+    `prompt_keys` (keyed sampling) sets `supports_keys = True`.
     """
+
+    supports_keys = False
 
     def generate(
         self,
@@ -195,6 +200,9 @@ class RolloutEngine(abc.ABC):
         """
         params = SamplingParams(**sampling) if params is None else replace(params, **sampling)
         check_generate_args(prompt_ids, prompt_mask, params)
+        if params.prompt_keys is not None and not self.supports_keys:
+            raise ValueError(f"{type(self).__name__} cannot sample with prompt_keys (rollout.sampling_seed): "
+                             "use the 'static' engine, or set rollout.sampling_seed to null")
         return self._generate(model, prompt_ids, prompt_mask, params)
 
     @abc.abstractmethod
@@ -214,6 +222,9 @@ def check_generate_args(prompt_ids: Tensor, prompt_mask: Tensor, params: Samplin
         raise ValueError(
             f"prompt_mask shape {tuple(prompt_mask.shape)} != prompt_ids shape {tuple(prompt_ids.shape)}"
         )
+    if params.prompt_keys is not None and tuple(params.prompt_keys.shape) != (prompt_ids.shape[0],):
+        raise ValueError(f"prompt_keys must have one key per prompt, shape ({prompt_ids.shape[0]},), got "
+                         f"{tuple(params.prompt_keys.shape)}")
     if prompt_ids.shape[0] == 0 or prompt_ids.shape[1] == 0:
         raise ValueError(f"prompt_ids is empty (shape {tuple(prompt_ids.shape)}); pass at least one token")
     if not bool((prompt_mask[:, -1] != 0).all()):

@@ -14,7 +14,8 @@ Other architectures fall back to the "hf" engine, with one message saying why.
 
 Simplified: the Python loop issues a fixed set of kernels per token and layer (no CUDA graphs, no
 torch.compile: on CPU its compile time did not pay back at these sizes); sampling inverts the CDF of the
-filtered distribution with torch's generator, so a seed gives the same tokens run to run, not HF's tokens.
+filtered distribution with torch's generator, so a seed gives the same tokens run to run, not HF's tokens;
+with `prompt_keys` (keyed sampling, `keyed.py`) the uniforms come from each row's key instead.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from lightning_rlhf.rollout.base import (
     ROLLOUT_ENGINES, Rollout, RolloutEngine, SamplingParams, response_mask_from_eos,
 )
 from lightning_rlhf.rollout.hf import HFGenerateEngine
+from lightning_rlhf.rollout.keyed import keyed_uniform, row_keys
 from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -48,9 +50,10 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool) -> tuple[Tensor, Tensor]:
+def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(n, V) float32 logits -> (tokens (n,), their log-probs under softmax(logits / T)). `ban_eos` keeps eos
-    from being sampled (min_new_tokens); the log-probs are of the unfiltered distribution.
+    from being sampled (min_new_tokens); the log-probs are of the unfiltered distribution. `u` (n, 1) in
+    (0, 1]: the uniforms to use (keyed sampling); None draws them from torch's generator.
 
     Sampling inverts the cumulative distribution with one uniform number per row (`torch.multinomial` draws
     one exponential number per vocabulary entry: a quarter of the decode time of a 135M model on a CPU)."""
@@ -63,7 +66,8 @@ def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool) -> tuple[Ten
         filtered = p.top_k > 0 or p.top_p < 1.0 or ban_eos
         probs = filter_logits(chosen, p.top_k, p.top_p).softmax(dim=-1) if filtered else logp_all.exp()
         cdf = probs.double().cumsum(dim=-1)
-        u = 1.0 - torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)  # (0, 1]: never a 0-prob token
+        if u is None:  # (0, 1]: never a 0-prob token
+            u = 1.0 - torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp(max=cdf.shape[-1] - 1)
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
@@ -84,6 +88,8 @@ class StaticCacheEngine(RolloutEngine):
         compact_below: compact the cache once this share of its rows or fewer is still generating.
     """
 
+    supports_keys = True
+
     def __init__(self, max_batch_size: int | None = None, dtype: str | None = None, compact_below: float = 0.75):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
@@ -97,6 +103,9 @@ class StaticCacheEngine(RolloutEngine):
                   params: SamplingParams) -> Rollout:
         reason = unsupported_reason(model, prompt_ids.shape[1] + params.max_new_tokens)
         if reason is not None:
+            if params.prompt_keys is not None:
+                raise ValueError(f"keyed sampling (rollout.sampling_seed) needs the static engine, which cannot "
+                                 f"run this model: {reason}; set rollout.sampling_seed to null")
             if reason not in self._warned:
                 self._warned.add(reason)
                 log.warning("static rollout engine: %s; sampling with the 'hf' engine instead", reason)
@@ -122,13 +131,16 @@ class StaticCacheEngine(RolloutEngine):
         logprobs = torch.zeros(tokens.shape, device=ids.device)
         for chunk in order.split(per_call):
             width = int(mask[chunk].sum(-1).max())  # drop the columns that are padding for every prompt here
-            t, lp = self._sample(lean, ids[chunk, -width:], mask[chunk, -width:], p)
+            keys = None if p.prompt_keys is None else p.prompt_keys[chunk.to(p.prompt_keys.device)]
+            t, lp = self._sample(lean, ids[chunk, -width:], mask[chunk, -width:], p, keys)
             rows = (chunk[:, None] * g + torch.arange(g, device=ids.device)).reshape(-1)
             tokens[rows], logprobs[rows] = t, lp
         return tokens, logprobs
 
-    def _sample(self, lean: LeanLlama, ids: Tensor, mask: Tensor, p: SamplingParams) -> tuple[Tensor, Tensor]:
-        """Prefill once per prompt, then decode G rows per prompt with compaction -> (tokens, logprobs)."""
+    def _sample(self, lean: LeanLlama, ids: Tensor, mask: Tensor, p: SamplingParams,
+                keys: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Prefill once per prompt, then decode G rows per prompt with compaction -> (tokens, logprobs).
+        `keys` (prompts,): keyed sampling, each row's uniforms from its row key and the token position."""
         g, steps, width = p.num_generations, p.max_new_tokens, ids.shape[1]
         logits, kvs = lean.prefill(ids, mask)
         cache = StaticKVCache(lean, kvs, mask, g, width + steps)
@@ -138,7 +150,9 @@ class StaticCacheEngine(RolloutEngine):
         rows = torch.arange(n, device=ids.device)  # which output row each cache row is
         position = mask.sum(-1).repeat_interleave(g)  # the next token's position, per cache row
         eos = torch.as_tensor(p.eos_ids, device=ids.device)
-        nxt, lp = sample_tokens(logits.repeat_interleave(g, dim=0), p, ban_eos=p.min_new_tokens > 0)
+        rkeys = None if keys is None or p.greedy else row_keys(keys.to(ids.device), g)
+        u = None if rkeys is None else keyed_uniform(rkeys, 0)
+        nxt, lp = sample_tokens(logits.repeat_interleave(g, dim=0), p, ban_eos=p.min_new_tokens > 0, u=u)
         done = torch.zeros(n, dtype=torch.bool, device=ids.device)
         for t in range(steps):
             nxt = torch.where(done, p.pad_token_id, nxt)  # rows finished but not yet compacted away
@@ -152,5 +166,6 @@ class StaticCacheEngine(RolloutEngine):
                 rows, position, nxt, done = rows[keep], position[keep], nxt[keep], done[keep]
             logits = lean.decode(nxt, position, cache, width + t)
             position = position + 1
-            nxt, lp = sample_tokens(logits, p, ban_eos=t + 1 < p.min_new_tokens)
+            u = None if rkeys is None else keyed_uniform(rkeys[rows], t + 1)
+            nxt, lp = sample_tokens(logits, p, ban_eos=t + 1 < p.min_new_tokens, u=u)
         return tokens, logprobs

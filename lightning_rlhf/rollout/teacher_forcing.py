@@ -4,6 +4,8 @@ This is how trainers score the policy (with gradients) and the reference model (
 tokens an engine sampled. With the same temperature, `sequence_logprobs` reproduces the engine's
 sampling-time logprobs (the parity test in tests/test_rollout.py pins that down).
 
+A PEFT (LoRA) model is run as its base model, which applies the adapters (and honours `disable_adapter()`).
+
 Simplifications: the whole batch goes through one forward (split the Rollout for smaller memory);
 the train/eval mode and grad mode are the caller's (dropout in train mode changes the numbers).
 """
@@ -16,6 +18,7 @@ import torch
 from torch import Tensor
 
 from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
+from lightning_rlhf.models.lora import unwrap_peft
 from lightning_rlhf.rollout.base import Rollout
 
 
@@ -64,7 +67,9 @@ def _shared_prompt_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
 
 
 def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
-    """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens."""
+    """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens. A PEFT
+    (LoRA) model runs as its base model (adapters applied), whose forward takes logits_to_keep and a cache."""
+    model = unwrap_peft(model)
     shared = _shared_prompt_logits(model, rollout)
     if shared is not None:
         return shared
