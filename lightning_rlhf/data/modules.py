@@ -70,8 +70,10 @@ class _RowsDataModule(pl.LightningDataModule):
         # this rank's share of the one-process order, by epoch (Lightning keeps it and calls set_epoch)
         sampler = RankShareSampler(len(self.train_dataset), self.batch_size, world, rank, self.shuffle, self.seed,
                                    self.DROP_LAST)
+        # the loader draws its workers' base seed from this generator, as before, not from torch's global one
         return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.DROP_LAST,
-                          collate_fn=collate_rows, num_workers=self.num_workers)
+                          collate_fn=collate_rows, num_workers=self.num_workers,
+                          generator=torch.Generator().manual_seed(self.seed))
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
