@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback
 
+from lightning_rlhf.functional import masked_mean
+
 
 def sample_rows(last: dict[str, Any], tokenizer: Any, step: int, max_rows: int) -> list[dict[str, Any]]:
     """The table rows of one rollout (`last` as the module docstring describes), at most `max_rows`."""
@@ -36,9 +38,8 @@ def sample_rows(last: dict[str, Any], tokenizer: Any, step: int, max_rows: int) 
     part = ro.select(slice(0, n))
     completions = part.decode(tokenizer)
     adv = adv[:n].detach().float()
-    if adv.dim() == 2:
-        mask = part.response_mask.to(adv.device, torch.float32)
-        adv = (adv * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+    if adv.dim() == 2:  # per-token advantages (PPO): their mean over each response's real tokens
+        adv = masked_mean(adv, part.response_mask.to(adv.device), dim=-1)
     per_reward = {f"rewards/{k}": _rounded(v[:n]) for k, v in rewards.per_reward.items()}
     total, adv = _rounded(rewards.total[:n]), _rounded(adv)
     rows = []
