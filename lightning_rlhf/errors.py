@@ -3,8 +3,8 @@
 They subclass the builtin type a caller would expect (ValueError, FileNotFoundError) and `UserError`,
 which the command line prints as one clear message (exit status 2) instead of a traceback.
 
-Simplification: three kinds cover every user error (config, data, missing file); anything else is a bug
-and keeps its traceback.
+Simplification: four kinds cover every user error (config, data, missing file, unwritable output); anything
+else is a bug and keeps its traceback. The catalogue of bad inputs and their messages is docs/errors.md.
 """
 
 from __future__ import annotations
@@ -24,6 +24,14 @@ class DataError(UserError, ValueError):
 
 class MissingFileError(UserError, FileNotFoundError):
     """A checkpoint or data path that does not exist; the message says what writes it."""
+
+
+class NotWritableError(UserError, OSError):
+    """An output path that cannot be written (a file in the way, no permission, the disk full)."""
+
+
+class DataWarning(UserWarning):
+    """Rows that were skipped (and counted); the message names the source, a row and the fix."""
 
 
 def find_user_error(exc: BaseException | None) -> UserError | None:

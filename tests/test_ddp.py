@@ -21,6 +21,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from helpers.compare import assert_runs_close
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "helpers" / "fit_with_test_rewards.py"
 STEPS = 3
@@ -75,15 +77,7 @@ def assert_same_run(one: tuple, two: tuple) -> list[dict]:
     """Every train/ metric of every step within 1e-5 (relative above 1), every weight within 1e-5."""
     (rows1, w1), (rows2, w2) = one, two
     assert [r["step"] for r in rows1] == [r["step"] for r in rows2] and len(rows1) == STEPS
-    for r1, r2 in zip(rows1, rows2):
-        keys = [k for k in r1 if k.startswith("train/")]
-        assert keys and keys == [k for k in r2 if k.startswith("train/")]
-        for k in keys:
-            a, b = float(r1[k]), float(r2[k])
-            assert abs(a - b) <= 1e-5 * max(1.0, abs(a)), (r1["step"], k, a, b)
-    assert w1.keys() == w2.keys()
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], atol=1e-5, rtol=0, msg=k)
+    assert_runs_close(rows1, rows2, w1, w2, keep=lambda k: k.startswith("train/"), tol=1e-5)
     return rows1
 
 

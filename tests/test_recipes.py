@@ -89,6 +89,10 @@ def _assert_given_reached(where: str, given: dict, resolved: dict) -> None:
             continue  # an interpolation, printed resolved
         if isinstance(value, dict) and isinstance(resolved.get(key), dict) and value:
             _assert_given_reached(f"{where}.{key}", value, resolved[key])
+        elif isinstance(value, list) and isinstance(resolved.get(key), list) and len(value) == len(resolved[key]) \
+                and all(isinstance(v, dict) for v in value):  # e.g. trainer.callbacks: each entry key by key
+            for i, (v, r) in enumerate(zip(value, resolved[key])):
+                _assert_given_reached(f"{where}.{key}[{i}]", v, r)
         else:
             assert _norm(resolved[key]) == _norm(value), f"{where}.{key}"
 

@@ -142,3 +142,30 @@ def test_bad_names_and_settings():
 def test_misaligned_column_names_it():
     with pytest.raises(ValueError, match="column 'answer' has 1 values for 2"):
         CombinedReward(["accuracy"])(["p", "p"], ["a", "b"], {"answer": ["1"]})
+
+
+def test_a_reward_that_times_out_scores_zero_and_is_counted():
+    import time
+
+    from lightning_rlhf.rewards import REWARDS, CombinedReward
+    from lightning_rlhf.rewards.compose import _WARNED
+
+    if "test_sleepy" not in REWARDS.names():
+        @REWARDS.register("test_sleepy")
+        def sleepy(prompts, completions, **_):
+            time.sleep(2.0 if any("slow" in c for c in completions) else 0.0)
+            return [1.0] * len(completions)
+
+    _WARNED.discard("test_sleepy")
+    combined = CombinedReward([{"name": "test_sleepy", "weight": 2.0, "timeout": 0.2}, {"name": "format", "weight": 1.0}])
+    fast = combined(["q", "q"], ["a", "b"])
+    assert fast.errors == 0 and fast.per_reward["test_sleepy"].tolist() == [1.0, 1.0]
+    t0 = time.perf_counter()
+    with pytest.warns(UserWarning, match="reward 'test_sleepy' failed on 2 sample.*timed out after 0.2 s"):
+        slow = combined(["q", "q"], ["a", "slow"])
+    assert time.perf_counter() - t0 < 1.5  # did not wait the 2 s
+    # the whole batch of the late reward scores 0 and both samples count as errors; the other reward still scores
+    assert slow.per_reward["test_sleepy"].tolist() == [0.0, 0.0] and slow.errors_by_reward == {"test_sleepy": 2, "format": 0}
+    assert torch.equal(slow.total, slow.per_reward["format"])
+    with pytest.raises(ValueError, match=r"timeout must be a positive number of seconds per call, got -1"):
+        CombinedReward([{"name": "format", "timeout": -1}])

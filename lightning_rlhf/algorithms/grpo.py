@@ -23,8 +23,9 @@ from typing import Any
 from torch import Tensor
 
 from lightning_rlhf.algorithms.metrics import Means
-from lightning_rlhf.algorithms.options import AdvantageOptions, LossOptions
+from lightning_rlhf.algorithms.options import AdvantageOptions, LossOptions, RolloutOptions, as_options
 from lightning_rlhf.algorithms.rl_stage import RLStage, rollout_metrics
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.functional import outcome_rewards
 from lightning_rlhf.rollout import Rollout
 
@@ -43,6 +44,12 @@ class GRPO(RLStage):
             loss: policy loss (grpo: clipped surrogate + beta * KL in the loss).
             **kwargs: the shared RL options of `RLStage` (policy, rewards, rollout, optim, optimizer, ...).
         """
+        rollout = as_options(RolloutOptions, kwargs.get("rollout"))
+        if rollout.num_generations < 2:  # checked before any model is loaded
+            raise ConfigError(f"rollout.num_generations={rollout.num_generations}: GRPO scores each response against "
+                              "the other responses to its prompt, so with one per prompt every advantage is zero and "
+                              "nothing is learnt; set num_generations >= 2 (e.g. 8), or use PPO, whose critic is the "
+                              "baseline")
         super().__init__(advantage=advantage, loss=loss, **kwargs)
 
     def training_step(self, batch: dict[str, list], batch_idx: int) -> None:
@@ -62,13 +69,16 @@ class GRPO(RLStage):
 
     def update(self, ro: Rollout, adv: Tensor, ref_logp: Tensor | None) -> dict[str, float]:
         """`optim.epochs` passes of policy-loss updates over `ro`; token-weighted mean statistics."""
-        opt, stats = self.optimizers(), Means()
+        opt, stats, mb_loss = self.optimizers(), Means(), 0.0
         for mb in self.micro_batches(ro):
             ref = None if ref_logp is None else ref_logp[mb.idx]
             loss, st = self.policy_loss(mb.part, adv[mb.idx], ref)
             self.manual_backward(loss * mb.weight)
+            mb_loss = mb_loss + loss.detach() * mb.weight
             stats.update_all({"loss": loss, **st}, mb.tokens, prefix="train/")
             if mb.ends_minibatch:
-                self.clip_and_step(opt, self.optim_cfg.max_grad_norm, count=mb.last)
+                self.step_models([(opt, self.optim_cfg.max_grad_norm, mb.last)], {"policy loss": mb_loss},
+                                 {"policy": self.policy})
+                mb_loss = 0.0
         return stats.compute()
 

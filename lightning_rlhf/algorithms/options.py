@@ -2,7 +2,8 @@
 
 Each group is a frozen dataclass, so LightningCLI shows it nested under the stage's `init_args`, prints it
 with `--print_config`, documents every field in `--help`, overrides one field at a time
-(`--model.init_args.loss.beta 0.1`) and names a misspelt or wrong-typed key. The stages read these objects;
+(`--model.init_args.loss.beta 0.1`) and names a misspelt or wrong-typed key. Each group checks its value ranges
+when built (a ConfigError naming `group.field=value`, e.g. `rollout.temperature=-1.0`). The stages read these objects;
 nothing reads hyperparameters off the LightningModule by name.
 
     rollout:   how responses are sampled (group size, lengths, temperature, engine)
@@ -58,6 +59,16 @@ class RolloutOptions:
     dtype: str | None = None
     sampling_seed: int | None = None
 
+    def __post_init__(self) -> None:
+        check_ranges("rollout", self, {"num_generations": (1, None), "max_new_tokens": (1, None),
+                                       "min_new_tokens": (0, self.max_new_tokens), "max_prompt_length": (1, None),
+                                       "top_k": (0, None)})
+        if not self.temperature > 0:
+            raise ConfigError(f"rollout.temperature={self.temperature}: must be > 0 (1.0 samples the model as it is; "
+                              "lower is greedier)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rollout.top_p={self.top_p}: must be in (0, 1] (1.0 turns nucleus sampling off)")
+
 
 @dataclass(frozen=True)
 class AdvantageOptions:
@@ -104,6 +115,10 @@ class LossOptions:
     kl_kind: str = "k3"
     ent_coef: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_ranges("loss", self, {"clip_low": (0, None), "clip_high": (0, None), "beta": (0, None),
+                                    "max_len": (1, None)})
+
 
 @dataclass(frozen=True)
 class OptimOptions:
@@ -129,6 +144,12 @@ class OptimOptions:
     warmup_steps: int = 0
     old_logprobs: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_ranges("optim", self, {"mini_batch_size": (1, None), "micro_batch_size": (1, None),
+                                     "warmup_steps": (0, None)})
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm}: must be > 0, or null to turn clipping off")
+
 
 @dataclass(frozen=True)
 class CriticOptions:
@@ -152,6 +173,15 @@ class CriticOptions:
     max_grad_norm: float | None = 1.0
     lr_schedule: str | None = None
     warmup_steps: int | None = None
+
+
+def check_ranges(group: str, options: Any, bounds: dict[str, tuple[float, float | None]]) -> None:
+    """ConfigError naming `<group>.<field>=<value>` and its range when a set field is outside [low, high]."""
+    for name, (low, high) in bounds.items():
+        value = getattr(options, name)
+        if value is not None and (value < low or (high is not None and value > high)):
+            allowed = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ConfigError(f"{group}.{name}={value}: must be {allowed}")
 
 
 def as_options(cls: type[T], value: T | dict[str, Any] | None) -> T:

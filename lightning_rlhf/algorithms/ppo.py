@@ -37,6 +37,7 @@ from lightning_rlhf.algorithms.options import (
     AdvantageOptions, CriticOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
 )
 from lightning_rlhf.algorithms.rl_stage import RLStage, disable_dropout, rollout_metrics
+from lightning_rlhf.algorithms.stage import source_record
 from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.functional import (
     adaptive_kl_coef, masked_sum, masked_whiten_all, token_level_rewards, value_loss,
@@ -118,6 +119,8 @@ class PPO(RLStage):
         self.critic_source = self._critic_source()
         critic = apply_lora(load_critic(self.critic_source, dtype=self.model_dtype), self.lora_cfg, "token_cls")
         self.critic = disable_dropout(critic).train()  # with `lora`: adapters + a trainable value head
+        self.model_sources["critic"] = source_record("critic", self.critic_source, self.model_dtype,
+                                                     tokenizer=self.policy_source)
         vocab = [m.config.get_text_config().vocab_size for m in (self.policy, self.critic)]
         if vocab[0] != vocab[1]:
             raise ConfigError(f"critic '{self.critic_source}' has a vocabulary of {vocab[1]} tokens, the policy "
@@ -208,19 +211,23 @@ class PPO(RLStage):
     def update(self, ro: Rollout, adv: Tensor, old_values: Tensor, returns: Tensor) -> dict[str, float]:
         """`optim.epochs` passes over `ro` in mini-batches; one step of each optimizer per mini-batch."""
         opt_pi, opt_v = self.optimizers()
-        stats, epoch_kl = Means(), Means()
+        stats, epoch_kl, mb_loss = Means(), Means(), {"policy loss": 0.0, "value loss": 0.0}
         for mb in self.micro_batches(ro):
             loss_pi, st = self.policy_loss(mb.part, adv[mb.idx], None)  # the KL is in the reward (step 3)
             self.manual_backward(loss_pi * mb.weight)
             loss_v, st_v = self.critic_loss(mb.part, old_values[mb.idx], returns[mb.idx])
             self.manual_backward(loss_v * mb.weight)
+            mb_loss = {"policy loss": mb_loss["policy loss"] + loss_pi.detach() * mb.weight,
+                       "value loss": mb_loss["value loss"] + loss_v.detach() * mb.weight}
             stats.update_all({**st, **st_v}, mb.tokens, prefix="train/")
             epoch_kl.update("approx_kl", st["approx_kl"], mb.tokens)
             if not mb.ends_minibatch:
                 continue
             stop = mb.ends_epoch and not mb.last and self._kl_exceeded(epoch_kl)
-            self.clip_and_step(opt_v, self.critic_cfg.max_grad_norm, count=False)
-            self.clip_and_step(opt_pi, self.optim_cfg.max_grad_norm, count=mb.last or stop)  # global_step once
+            self.step_models([(opt_v, self.critic_cfg.max_grad_norm, False),  # global_step once, by the policy:
+                              (opt_pi, self.optim_cfg.max_grad_norm, mb.last or stop)],
+                             mb_loss, {"policy": self.policy, "critic": self.critic})
+            mb_loss = {"policy loss": 0.0, "value loss": 0.0}
             if stop:
                 break
         return {**stats.compute(), "train/epochs_run": float(mb.epoch + 1)}
@@ -244,11 +251,12 @@ class PPO(RLStage):
         opt_v, sched_v = self.make_optimizer(self.critic_optimizer_fn, self.critic, critic_schedule)
         return [opt_pi, opt_v], [sched_pi, sched_v]
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["ppo_kl_coef"] = self.kl_coef
+    def resume_state(self) -> dict[str, Any]:
+        return {**super().resume_state(), "kl_coef": self.kl_coef}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.kl_coef = float(checkpoint.get("ppo_kl_coef", self.kl_coef))
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        super().load_resume_state(state)
+        self.kl_coef = float(state.get("kl_coef", self.kl_coef))
 
     def exports(self) -> list[tuple[torch.nn.Module, str | None]]:
         return [(self.policy, self.output_dir), (self.critic, self.critic_cfg.output_dir)]

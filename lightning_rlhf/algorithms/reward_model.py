@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from lightning_rlhf.algorithms.stage import SupervisedStage
+from lightning_rlhf.algorithms.stage import SupervisedStage, source_record
 from lightning_rlhf.functional import bradley_terry_loss
 from lightning_rlhf.models import apply_lora, load_reward_model, load_tokenizer, require_checkpoint, score_sequences
 from lightning_rlhf.models.chat import format_conversation
@@ -37,6 +37,7 @@ class RewardModel(SupervisedStage):
         self.use_margin = use_margin
         self.tokenizer = load_tokenizer(model, padding_side="right")
         self.model = apply_lora(load_reward_model(model), self.lora_cfg, "seq_cls").train()
+        self.model_sources["model"] = source_record("reward_model", model, padding_side="right")
 
     def trained_model(self) -> torch.nn.Module:
         return self.model

@@ -31,9 +31,10 @@ from lightning_rlhf.algorithms.options import (
     AdvantageOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
 )
 from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
+from lightning_rlhf.algorithms.resume import fingerprint
 from lightning_rlhf.algorithms.runtime import keep_freed_memory
 from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
-from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share
+from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share, source_record
 from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.functional import (
     ADVANTAGE_ESTIMATORS, KL_ESTIMATORS, LOSS_AGGREGATIONS, POLICY_LOSSES, masked_whiten_all,
@@ -196,6 +197,8 @@ class RLStage(Stage):
         val_max_new_tokens: generation budget of validation (default: rollout.max_new_tokens).
         val_on_start: validate before the first update (logged at step 0).
         lora: train LoRA adapters (`models/lora.py`); the reference is then the policy with adapters off.
+        max_skipped_in_a_row: updates with a non-finite loss or gradient are skipped (train/skipped_updates);
+            this many in a row stop the run (`algorithms/guard.py`).
     """
 
     def __init__(
@@ -218,8 +221,9 @@ class RLStage(Stage):
         val_max_new_tokens: int | None = None,
         val_on_start: bool = True,
         lora: LoraOptions | None = None,
+        max_skipped_in_a_row: int = 3,
     ) -> None:
-        super().__init__(optimizer, val_on_start, output_dir, lora)
+        super().__init__(optimizer, val_on_start, output_dir, lora, max_skipped_in_a_row)
         self.save_hyperparameters()
         self.automatic_optimization = False
         self.rollout_cfg, self.advantage_cfg = as_options(RolloutOptions, rollout), as_options(AdvantageOptions, advantage)
@@ -231,7 +235,9 @@ class RLStage(Stage):
         self.val_accuracy = build_reward(parse_reward_specs({val_accuracy_reward: 1.0})[0])
         self.policy, self.ref, self.tokenizer = load_policy_and_ref(
             policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype, self.lora_cfg)
+        self.model_sources["policy"] = source_record("causal_lm", policy, dtype, gguf_file)
         self.ref_is_base = self.ref is None and self.lora_cfg is not None and self.loss_cfg.beta > 0
+        self._ref_identity: dict[str, Any] | None = None
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
@@ -244,6 +250,16 @@ class RLStage(Stage):
 
     def trained_model(self) -> torch.nn.Module:
         return self.policy
+
+    def frozen_models(self) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
+        """The frozen reference (when loaded), kept out of checkpoints and recorded by source and fingerprint."""
+        if self.ref is None:
+            return {}
+        if self._ref_identity is None:  # computed once: the reference never changes
+            hp = self.hparams
+            self._ref_identity = {"source": str(hp.ref_model or hp.policy), "dtype": str(next(self.ref.parameters()).dtype),
+                                  "fingerprint": fingerprint(self.ref)}
+        return {"ref": (self.ref, self._ref_identity)}
 
     def lr_schedule(self) -> tuple[str, int]:
         return self.optim_cfg.lr_schedule, self.optim_cfg.warmup_steps
@@ -347,8 +363,23 @@ class RLStage(Stage):
                 self.clip_gradients(opt, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
         step(self, opt, count=count)
 
+    def step_models(self, steps: list[tuple[Any, float | None, bool]], losses: dict[str, Tensor],
+                    models: dict[str, torch.nn.Module]) -> None:
+        """Clip and step each (optimizer, max_norm, count) in order, unless the non-finite guard skips this update:
+        then every gradient is dropped and only a counted step runs (on no gradients: no weight moves), so
+        global_step still advances once per rollout."""
+        if self.guard.should_skip(losses, models, self.global_step + 1, self.any_rank()):
+            for opt, _, count in steps:
+                opt.zero_grad(set_to_none=True)
+                if count:
+                    step(self, opt, count=True)
+            return
+        for opt, max_norm, count in steps:
+            self.clip_and_step(opt, max_norm, count=count)
+
     def log_step(self, metrics: dict[str, float], batch: dict[str, list]) -> None:
-        """Log a rollout step's metrics and step the LR schedule(s) once."""
+        """Log a rollout step's metrics (with the run's count of skipped updates) and step the LR schedule(s)."""
+        metrics = {**metrics, "train/skipped_updates": float(self.guard.skipped)}
         self.log_dict(metrics, on_step=True, batch_size=len(batch["prompt"]))
         for sched in as_list(self.lr_schedulers()):
             sched.step()

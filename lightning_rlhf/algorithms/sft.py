@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text, language_mixed_share
+from lightning_rlhf.algorithms.stage import SupervisedStage, generate_text, language_mixed_share, source_record
 from lightning_rlhf.models import apply_lora, load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_completions
 from lightning_rlhf.rewards import accuracy_reward
@@ -43,6 +43,7 @@ class SFT(SupervisedStage):
         self.max_prompt_length, self.val_max_new_tokens = max_prompt_length, val_max_new_tokens
         self.tokenizer = load_tokenizer(policy)
         self.policy = apply_lora(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype), self.lora_cfg).train()
+        self.model_sources["policy"] = source_record("causal_lm", policy, dtype, gguf_file)
         self.engine = ROLLOUT_ENGINES.get(rollout_engine)()
 
     def trained_model(self) -> torch.nn.Module:

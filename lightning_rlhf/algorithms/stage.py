@@ -8,6 +8,10 @@ It owns the parts that are the same in all four:
     the LR schedule of `lr_schedule()` over the run's optimizer steps;
   - export of the trained model(s) as HF-format directories at the end of fit (global rank 0); with `lora`
     (`models/lora.py`) the adapters merged into a plain HF directory, or PEFT's adapter directory.
+  - the non-finite guard (`algorithms/guard.py`): an update with a NaN/inf loss or gradient is skipped and
+    counted (train/skipped_updates); `max_skipped_in_a_row` of them stop the run;
+  - checkpoints that resume exactly (`algorithms/resume.py`): RNG states restored before the next training
+    batch, frozen models recorded by identity instead of weights (`frozen_models()`), and `resume_state()`.
 A stage provides `validate_batch(batch)`, `trained_model()`, `lr_schedule()` and, if it writes more than
 one model, `exports()`. `SupervisedStage` adds the arguments SFT and the reward model share.
 Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
@@ -15,6 +19,7 @@ Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 
 from pathlib import Path
@@ -24,9 +29,12 @@ import torch
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 
+from lightning_rlhf.algorithms.guard import NonFiniteGuard
 from lightning_rlhf.algorithms.metrics import Means
+from lightning_rlhf.algorithms.resume import KEY, drop_frozen, restore_frozen, rng_state, set_rng_state
 from lightning_rlhf.algorithms.schedules import make_scheduler
 from lightning_rlhf.algorithms.sharding import full_parameters
+from lightning_rlhf.errors import ConfigError
 from lightning_rlhf.models import save_hf
 from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.models.lora import LoraOptions, as_lora, export_lora, is_peft
@@ -39,6 +47,14 @@ def total_training_steps(trainer: Any) -> int:
     if trainer.max_steps and trainer.max_steps > 0:
         return trainer.max_steps
     return int(trainer.estimated_stepping_batches)
+
+
+def source_record(kind: str, source: str, dtype: str = "float32", gguf_file: str | None = None,
+                  tokenizer: str | None = None, padding_side: str = "left") -> dict[str, Any]:
+    """How a trained model was loaded (`Stage.model_sources`): loader kind (causal_lm, critic, reward_model),
+    source dir or id, dtype, GGUF file, and its tokenizer's source and padding side."""
+    return {"kind": kind, "source": source, "gguf_file": gguf_file, "dtype": dtype, "tokenizer": tokenizer or source,
+            "padding_side": padding_side}
 
 
 def export_hf(model: Any, tokenizer: Any, output_dir: str | None, trainer: Any,
@@ -78,14 +94,18 @@ class Stage(LightningModule):
     """Validation lifecycle, optimizer + schedule and export shared by every stage (see module docstring)."""
 
     def __init__(self, optimizer: OptimizerFn, val_on_start: bool, output_dir: str | None,
-                 lora: LoraOptions | None = None) -> None:
+                 lora: LoraOptions | None = None, max_skipped_in_a_row: int = 3) -> None:
         super().__init__()
+        self.guard = NonFiniteGuard(max_skipped_in_a_row)
         self.optimizer_fn, self.lora_cfg = optimizer, as_lora(lora)
         self.val_on_start = val_on_start
         self.output_dir = output_dir
         self.val_metrics = Means()
         self.eval_history: list[tuple[int, dict[str, float]]] = []
         self.export_dir: Path | None = None
+        self._pending_rng: dict[str, Any] | None = None
+        # attribute -> how that trained model was loaded (`export.py` rebuilds it from a checkpoint)
+        self.model_sources: dict[str, dict[str, Any]] = {}
 
     # ---- what a stage provides -----------------------------------------------------------------------
     def full_parameters(self, module: torch.nn.Module) -> ContextManager[None]:
@@ -106,6 +126,57 @@ class Stage(LightningModule):
         """(model, output_dir) pairs written at the end of fit; the first is the stage's result."""
         return [(self.trained_model(), self.output_dir)]
 
+    def frozen_models(self) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
+        """{attribute: (frozen module, identity)} kept out of checkpoints (RLStage: the reference)."""
+        return {}
+
+    def resume_state(self) -> dict[str, Any]:
+        """What the stage needs besides weights and optimizers to continue exactly (saved in checkpoints)."""
+        return {"eval_history": self.eval_history, "guard": self.guard.state_dict()}
+
+    def load_resume_state(self, state: dict[str, Any]) -> None:
+        self.eval_history = [(int(s), dict(m)) for s, m in state.get("eval_history", [])]
+        self.guard.load_state_dict(state.get("guard", {}))
+
+    def any_rank(self) -> Callable[[bool], bool] | None:
+        """A flag -> whether it is set on any rank (None on one process), for decisions every rank must share."""
+        if self._trainer is None or self.trainer.world_size <= 1:
+            return None
+        return lambda flag: bool(self.trainer.strategy.reduce(torch.tensor(float(flag), device=self.device),
+                                                              reduce_op="sum") > 0)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Automatic optimization (SFT, reward model): skip an update with a non-finite gradient (the guard)."""
+        if not self.automatic_optimization:
+            return
+        if self.guard.should_skip({}, {"model": self.trained_model()}, self.global_step + 1, self.any_rank()):
+            optimizer.zero_grad(set_to_none=True)  # no gradients: the optimizer leaves every weight as it is
+        self.log("train/skipped_updates", float(self.guard.skipped))
+
+    # ---- checkpoints -----------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        drop_frozen(checkpoint, {name: identity for name, (_, identity) in self.frozen_models().items()})
+        checkpoint[KEY].update(rng=rng_state(), stage=self.resume_state(), exports=self.export_records())
+
+    def export_records(self) -> list[dict[str, Any]]:
+        """Per exported model: its attribute, output_dir, how it was loaded and the LoRA options (for `export`)."""
+        attrs = {id(getattr(self, a)): a for a in self.model_sources}
+        lora = None if self.lora_cfg is None else dataclasses.asdict(self.lora_cfg)
+        return [{"attr": attrs[id(m)], "output_dir": out, "lora": lora, **self.model_sources[attrs[id(m)]]}
+                for m, out in self.exports() if id(m) in attrs]
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        restore_frozen(checkpoint, self.frozen_models(), path=str(getattr(self._trainer, "ckpt_path", None) or
+                                                                   "the checkpoint"))
+        extra = checkpoint.get(KEY, {})
+        self._pending_rng = extra.get("rng")
+        self.load_resume_state(extra.get("stage", {}))
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._pending_rng is not None:  # after a resume: the RNG as it stood when the checkpoint was saved
+            set_rng_state(self._pending_rng)
+            self._pending_rng = None
+
     # ---- validation ----------------------------------------------------------------------------------
     def validation_step(self, batch: dict[str, list], batch_idx: int) -> None:
         self.validate_batch(batch)
@@ -123,7 +194,7 @@ class Stage(LightningModule):
     def validate_at_start(self) -> None:
         """Validate before the first update and log the result at step 0."""
         trainer = self.trainer
-        if not self.val_on_start or not trainer.val_dataloaders:
+        if not self.val_on_start or not trainer.val_dataloaders or self.global_step > 0:  # >0: resumed
             return
         model = self.trained_model()
         model.eval()
@@ -141,7 +212,10 @@ class Stage(LightningModule):
     def make_optimizer(self, fn: OptimizerFn, model: torch.nn.Module, schedule: tuple[str, int]) -> tuple[Any, Any]:
         """(optimizer over the trainable parameters of `model` (LoRA: the adapters), its LR scheduler) for
         `total_training_steps` scheduler steps."""
-        opt = fn([p for p in model.parameters() if p.requires_grad])
+        try:
+            opt = fn([p for p in model.parameters() if p.requires_grad])
+        except ValueError as e:  # torch.optim checks its arguments (a negative lr, betas outside [0, 1), ...)
+            raise ConfigError(f"optimizer: {e}; fix its init_args (model.init_args.optimizer)") from e
         return opt, make_scheduler(opt, schedule[0], schedule[1], total_training_steps(self.trainer))
 
     def configure_optimizers(self) -> Any:
@@ -166,6 +240,7 @@ class SupervisedStage(Stage):
         max_length: tokens kept per training text (cut at the end).
         val_on_start: validate before the first update (logged at step 0).
         lora: train LoRA adapters through PEFT instead of every weight (`models/lora.py`); null: full fine-tuning.
+        max_skipped_in_a_row: updates with a non-finite loss or gradient are skipped; this many in a row stop the run.
     """
 
     def __init__(
@@ -178,8 +253,9 @@ class SupervisedStage(Stage):
         max_length: int = 512,
         val_on_start: bool = True,
         lora: LoraOptions | None = None,
+        max_skipped_in_a_row: int = 3,
     ) -> None:
-        super().__init__(optimizer, val_on_start, output_dir, lora)
+        super().__init__(optimizer, val_on_start, output_dir, lora, max_skipped_in_a_row)
         self.save_hyperparameters()
         self.produced_by, self.schedule, self.max_length = produced_by, (lr_schedule, warmup_steps), max_length
 

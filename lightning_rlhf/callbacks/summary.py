@@ -86,4 +86,7 @@ class RunSummary(Callback):
         self._report(trainer, pl_module, "finished" if not trainer.interrupted else "interrupted")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._report(trainer, pl_module, f"stopped by {type(exception).__name__}")
+        try:
+            self._report(trainer, pl_module, f"stopped by {type(exception).__name__}")
+        except OSError:  # e.g. the run directory cannot be written: the original error is the one to report
+            pass

@@ -3,6 +3,9 @@
 They yield RAW rows, collated column-wise by `collate_rows` into {column: [values]}; tokenizing is
 the LightningModule's job (it owns the policy's tokenizer). Extra columns pass through untouched.
 
+Under a trainer, `setup()` first runs the preflight checks of `preflight.py` once: a fit takes steps, the
+stage's output dirs can be written, and (prompts) rows a rollout cannot use are dropped and counted.
+
 Simplifications: data is loaded once per process in `setup()` and cached; the train loader shuffles with
 a `torch.Generator` seeded by `seed`, epoch e reading the order of that loader's (e+1)-th pass; under data
 parallel each rank reads its share of that same order (`samplers.RankShareSampler`), so W ranks of B rows
@@ -18,8 +21,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from lightning_rlhf.data.samplers import RankShareSampler
+from lightning_rlhf.data.preflight import check_batch_rows, check_outputs, check_run, usable_prompts
+from lightning_rlhf.data.samplers import RankShareSampler, ResumableLoader
 from lightning_rlhf.data.sources import load_rows
+from lightning_rlhf.errors import ConfigError
 
 
 def collate_rows(rows: Sequence[dict[str, Any]]) -> dict[str, list]:
@@ -44,20 +49,32 @@ class _RowsDataModule(pl.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()  # also collects a subclass __init__'s arguments (same names)
         if batch_size < 1 or val_batch_size < 1:
-            raise ValueError(f"{type(self).__name__}: batch_size and val_batch_size must be >= 1, got "
-                             f"{batch_size} and {val_batch_size}")
+            raise ConfigError(f"{type(self).__name__}: batch_size and val_batch_size must be >= 1, got "
+                              f"{batch_size} and {val_batch_size}")
         self.train_source, self.val_source = train, val
         self.batch_size, self.val_batch_size = batch_size, val_batch_size
         self.shuffle, self.seed, self.num_workers = shuffle, seed, num_workers
         self.train_dataset: datasets.Dataset | None = None
         self.val_dataset: datasets.Dataset | None = None
+        self._checked_for: Any = None  # the trainer the preflight checks ran for
 
     def setup(self, stage: str | None = None) -> None:
-        """Load (once) the train source and, if given, the val source; errors name the config key."""
+        """Load (once) the train source and, if given, the val source; errors name the config key. Under a
+        trainer, the preflight checks run once (see the module docstring)."""
         if self.train_dataset is None:
             self.train_dataset = load_rows(self.train_source, self.REQUIRED, what="data.init_args.train")
         if self.val_source is not None and self.val_dataset is None:
             self.val_dataset = load_rows(self.val_source, self.REQUIRED, what="data.init_args.val")
+        trainer = self.trainer
+        if trainer is not None and self._checked_for is not trainer:
+            self._checked_for = trainer
+            self.preflight(trainer)
+
+    def preflight(self, trainer: Any) -> None:
+        """Fail before any model work when a fit would take no step or cannot write its outputs."""
+        if trainer.state.fn == "fit":
+            check_run(trainer)
+            check_outputs(trainer.lightning_module)
 
     def _loader(self, ds: datasets.Dataset, batch_size: int, shuffle: bool, drop_last: bool = False) -> DataLoader:
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
@@ -70,10 +87,16 @@ class _RowsDataModule(pl.LightningDataModule):
         # this rank's share of the one-process order, by epoch (Lightning keeps it and calls set_epoch)
         sampler = RankShareSampler(len(self.train_dataset), self.batch_size, world, rank, self.shuffle, self.seed,
                                    self.DROP_LAST)
-        # the loader draws its workers' base seed from this generator, as before, not from torch's global one
-        return DataLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler, drop_last=self.DROP_LAST,
-                          collate_fn=collate_rows, num_workers=self.num_workers,
-                          generator=torch.Generator().manual_seed(self.seed))
+        # the loader draws its workers' base seed from this generator, as before, not from torch's global one;
+        # checkpoints save where training stands in the epoch, and a resumed run starts there
+        return ResumableLoader(self.train_dataset, batch_size=self.batch_size, sampler=sampler,
+                               drop_last=self.DROP_LAST, collate_fn=collate_rows, num_workers=self.num_workers,
+                               generator=torch.Generator().manual_seed(self.seed), position=self._train_position)
+
+    def _train_position(self) -> tuple[int, int]:
+        """(epoch, batches of it trained on) from the trainer's progress, for the loader's checkpoint state."""
+        loop = self.trainer.fit_loop
+        return loop.epoch_progress.current.processed, loop.epoch_loop.batch_progress.current.processed
 
     def val_dataloader(self) -> DataLoader | list:
         self.setup("validate")
@@ -102,6 +125,16 @@ class PromptDataModule(_RowsDataModule):
     def __init__(self, train: dict, val: dict | None = None, batch_size: int = 8, val_batch_size: int = 32,
                  shuffle: bool = True, seed: int = 0, num_workers: int = 0) -> None:
         super().__init__(train, val, batch_size, val_batch_size, shuffle, seed, num_workers)
+
+    def preflight(self, trainer: Any) -> None:
+        """Also drop (and count) the prompts the stage cannot use, and check one step's batch can be filled."""
+        super().preflight(trainer)
+        stage = trainer.lightning_module
+        self.train_dataset = usable_prompts(self.train_dataset, self.train_source, "data.init_args.train", stage)
+        if self.val_dataset is not None:
+            self.val_dataset = usable_prompts(self.val_dataset, self.val_source, "data.init_args.val", stage, val=True)
+        if trainer.state.fn == "fit":
+            check_batch_rows(len(self.train_dataset), self.batch_size, trainer.world_size, "data.init_args.train")
 
 
 class SFTDataModule(_RowsDataModule):

@@ -7,7 +7,10 @@ W ranks with B prompts each sees, step by step, the same prompts as one process 
 "DDP equals one process" (the RL stages' keyed sampling and cross-rank token means are the other half).
 Lightning's own DistributedSampler shuffles with another permutation (and always shuffles training data).
 
-It subclasses `DistributedSampler` so Lightning keeps it (and calls `set_epoch` each epoch). Simplified: with
+It subclasses `DistributedSampler` so Lightning keeps it (and calls `set_epoch` each epoch). `ResumableLoader`
+is the train DataLoader that Lightning saves in checkpoints (its `state_dict`): the epoch and the batches of it
+already trained on, read from the trainer's progress (the iterator itself runs one batch ahead); on resume
+the sampler starts that epoch after those batches. Simplified: with
 `drop_last=False` a last global batch smaller than B*W is padded from the start of the order, as
 DistributedSampler pads, so its ranks hold equal counts (one process would see a smaller batch there).
 """
@@ -51,13 +54,38 @@ class RankShareSampler(DistributedSampler):
                  drop_last: bool) -> None:  # no super().__init__: it needs a process group and a dataset
         self.n, self.batch_size, self.num_replicas, self.rank = n, batch_size, world, rank
         self.shuffle, self.seed, self.drop_last, self.epoch = shuffle, seed, drop_last, 0
+        self.resume_at: tuple[int, int] | None = None  # (epoch, rows of this rank's share already read)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
         order = epoch_order(self.n, self.epoch, self.shuffle, self.seed)
-        return iter(rank_share(order, self.batch_size, self.num_replicas, self.rank, self.drop_last))
+        mine = rank_share(order, self.batch_size, self.num_replicas, self.rank, self.drop_last)
+        if self.resume_at is not None:  # the first pass after a resume starts where the checkpoint stood
+            epoch, skip = self.resume_at
+            self.resume_at = None
+            mine = mine[skip:] if epoch == self.epoch else mine
+        return iter(mine)
 
     def __len__(self) -> int:
         return len(rank_share(list(range(self.n)), self.batch_size, self.num_replicas, self.rank, self.drop_last))
+
+
+class ResumableLoader(DataLoader):
+    """A DataLoader whose `state_dict` is the train position (epoch, batches trained on in it) given by
+    `position()`, and whose `load_state_dict` makes its `RankShareSampler` skip those batches."""
+
+    def __init__(self, *args, position=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.position = position
+
+    def state_dict(self) -> dict[str, int]:
+        if self.position is None:
+            return {}
+        epoch, batches = self.position()
+        return {"epoch": int(epoch), "batches": int(batches)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if state and isinstance(self.sampler, RankShareSampler):
+            self.sampler.resume_at = (state["epoch"], state["batches"] * self.batch_size)

@@ -18,6 +18,7 @@ whose names start with train/validation/val/test/dev pick the split, other names
 from __future__ import annotations
 
 import inspect
+import itertools
 import json
 import math
 from pathlib import Path
@@ -113,10 +114,10 @@ class _Spec:
         split = f" (split {self.source['split']})" if "split" in self.source else ""
         return f"'{self.source['path']}'{split}"
 
-    def missing_row_column(self, loc: str, col: str, row: dict, ours: str | None = None) -> ValueError:
+    def missing_row_column(self, loc: str, col: str, row: dict, ours: str | None = None) -> DataError:
         """The row-level message; `ours` is set when `col` is their column named in `columns:`."""
         mapped = f", which {self.what}.columns maps to '{ours}'" if ours else ""
-        return ValueError(f"{loc}: row has no '{col}' column{mapped} (it has: {', '.join(row) or 'nothing'}). Add it, "
+        return DataError(f"{loc}: row has no '{col}' column{mapped} (it has: {', '.join(row) or 'nothing'}). Add it, "
                           f"or map another column with {self.what}.columns, e.g. columns: {{{ours or col}: "
                           "<their column>}.")
 
@@ -267,7 +268,10 @@ def _from_task(spec: _Spec) -> datasets.Dataset:
         raise DataError(f"{spec.what}: unknown key(s) {unknown} for task '{spec.source['task']}'. Valid keys: "
                          f"task, {', '.join(params)}, {', '.join(COMMON_KEYS)}")
     n = args.pop("n")
-    rows = fn(n, **args)
+    try:
+        rows = fn(n, **args)
+    except (ValueError, TypeError) as e:  # the generator's own check of its settings
+        raise DataError(f"{spec.what}: {e}. Fix that setting of task '{spec.source['task']}'.") from None
     return _process_dataset(_rows_to_dataset(rows, spec.describe()), spec, spec.limit)
 
 
@@ -345,6 +349,22 @@ def _from_hub(spec: _Spec) -> datasets.Dataset:
                          f"directory '{src['path']}' exists under {Path.cwd()}; for a local one, give its path "
                          "(e.g. ./data/train.jsonl).") from e
     return _process_dataset(ds, spec, spec.limit)
+
+
+def locate_row(source: Mapping[str, Any], index: int) -> str:
+    """Where row `index` of `load_rows(source)` came from: `file:line` for one JSONL file (blank lines skipped as the
+    reader skips them), else `'<file>' row i` / `task '<name>' row i` (0-based)."""
+    path = Path(str(source.get("path", ""))).expanduser()
+    if "path" in source and path.is_file() and FILE_TYPES.get(path.suffix) in ("jsonl", "json"):
+        with path.open(encoding="utf-8") as f:
+            if not f.read(1024).lstrip().startswith("["):
+                f.seek(0)
+                lines = (n for n, line in enumerate(f, 1) if line.strip())
+                lineno = next(itertools.islice(lines, index, None), None)
+                if lineno is not None:
+                    return f"{path}:{lineno}"
+    where = f"task '{source['task']}'" if "task" in source else f"'{source.get('path')}'"
+    return f"{where} row {index}"
 
 
 def load_rows(source: Mapping[str, Any], required: Sequence[str], *, what: str = "data") -> datasets.Dataset:

@@ -8,7 +8,7 @@ Importing the package gives every public name of its modules, so callers write
 - `tiny.py`: `build_tiny_model`, a random tiny Llama + tokenizer saved as an HF directory (tests, quickstart).
 - `loading.py`: loaders (`load_causal_lm`, `load_reward_model`, `load_critic`, `load_tokenizer`), forward
   helpers that are right for either padding side (`score_sequences`, `token_values`), `save_hf`,
-  `require_checkpoint` and `gguf_to_hf`.
+  `require_checkpoint`, `gguf_to_hf`, and `check_writable` / `write_dir_atomically` (output dirs).
 - `lora.py`: LoRA through PEFT (`LoraOptions`, `apply_lora`, the adapters-off reference, merged/adapter export).
 - `chat.py`: chat formatting and tokenizing (`chat_prompts`, `encode_prompts`, `encode_completions`,
   `format_conversation`), shared by the stages and the reward-model scorer.
@@ -16,6 +16,7 @@ Importing the package gives every public name of its modules, so callers write
 
 from lightning_rlhf.models.chat import chat_prompts, encode_completions, encode_prompts, format_conversation
 from lightning_rlhf.models.loading import (
+    check_writable,
     gguf_to_hf,
     last_token_index,
     load_causal_lm,
@@ -28,6 +29,7 @@ from lightning_rlhf.models.loading import (
     save_hf,
     score_sequences,
     token_values,
+    write_dir_atomically,
 )
 from lightning_rlhf.models.lora import LoraOptions, apply_lora, trainable_parameters, unwrap_peft
 from lightning_rlhf.models.tiny import build_tiny_model
@@ -40,6 +42,7 @@ __all__ = [
     "apply_lora",
     "build_tiny_model",
     "chat_prompts",
+    "check_writable",
     "default_corpus",
     "encode_completions",
     "encode_prompts",
@@ -59,4 +62,5 @@ __all__ = [
     "train_bpe_tokenizer",
     "trainable_parameters",
     "unwrap_peft",
+    "write_dir_atomically",
 ]

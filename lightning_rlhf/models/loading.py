@@ -18,6 +18,10 @@ one on a GPU. A local-looking path that does not exist fails at once with `requi
   token-classification head also has a bias, which the RM lacks, so it starts at 0. From a causal-LM
   directory the whole head is new. Per-token values with `token_values`.
 
+A local directory that is not a complete HF checkpoint (no weights, no tokenizer files: an export that was cut
+short) fails with a message that lists what it holds. `save_hf` writes through `write_dir_atomically`: into a
+temporary sibling, swapped in only when complete, so a failed export (a full disk) keeps the previous one.
+
 Simplification: one dtype for the whole model, no quantisation, no device placement (Lightning moves it).
 """
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +45,7 @@ from transformers import (
 )
 
 from lightning_rlhf.errors import ConfigError, MissingFileError
+from lightning_rlhf.models.files import check_writable, write_dir_atomically  # noqa: F401  (re-exported)
 from lightning_rlhf.models.lora import is_adapter_dir, load_adapter_merged, unwrap_peft
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE
 
@@ -91,8 +97,13 @@ def _from_pretrained(loader: Any, name: str, produced_by: str | None, **kw: Any)
     """Call `loader.from_pretrained`, turning a hub failure for a non-local name into a clear message."""
     try:
         return loader.from_pretrained(name, **kw)
-    except OSError as e:
+    except (OSError, ValueError) as e:
         if looks_local(name) or os.path.exists(name):
+            detail = " ".join(str(e).split())
+            raise ConfigError(f"could not load '{name}' ({type(e).__name__}: {detail[:300]}). It should be a complete "
+                              f"Hugging Face directory ({_holds(name)}); rerun the stage that writes it"
+                              f"{_run_hint(produced_by)}, or point at another one.") from e
+        if not isinstance(e, OSError):
             raise
         hint = ""
         if produced_by:
@@ -101,6 +112,38 @@ def _from_pretrained(loader: Any, name: str, produced_by: str | None, **kw: Any)
             f"could not load '{name}': it is not a local directory and the Hugging Face Hub could not provide "
             f"it ({e}). Pass an existing directory (e.g. ./{name}) or a reachable model id.{hint}"
         ) from e
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def _holds(name: str) -> str:
+    """'it holds: a, b' (up to 8 names) or 'it is empty', for messages about a local directory."""
+    try:
+        names = sorted(p.name for p in Path(name).iterdir())
+    except OSError:
+        return "it cannot be listed"
+    more = f", ... ({len(names)} entries)" if len(names) > 8 else ""
+    return f"it holds: {', '.join(names[:8])}{more}" if names else "it is empty"
+
+
+def _run_hint(produced_by: str | None) -> str:
+    """' (`<the command that writes it>`)' from a recipe path or a command; '' without one."""
+    if not produced_by:
+        return ""
+    cmd = produced_by if produced_by.startswith("python ") else f"python -m lightning_rlhf fit --config {produced_by}"
+    return f" (`{cmd}`)"
+
+
+def _require_files(name: str, wanted: tuple[str, ...], what: str, produced_by: str | None) -> None:
+    """For a local directory `name`, raise MissingFileError unless it holds one of `wanted`."""
+    if not os.path.isdir(name) or any(os.path.exists(os.path.join(name, f)) for f in wanted):
+        return
+    raise MissingFileError(f"checkpoint '{name}' has no {what} (none of {', '.join(wanted)}; {_holds(name)}). An "
+                           f"export that was cut short leaves such a directory: rerun the stage that writes it"
+                           f"{_run_hint(produced_by)}, or point at a complete Hugging Face directory.")
 
 
 def _dtype(dtype: str | torch.dtype) -> Any:
@@ -118,22 +161,32 @@ def load_tokenizer(
 ):
     """AutoTokenizer with the conventions the rest of the code relies on.
 
-    - `pad_token` falls back to `eos_token` when the tokenizer has none (ValueError if it has neither);
+    - `pad_token` falls back to `eos_token` when the tokenizer has none, with a warning (ConfigError if it has
+      neither: padding and the end of a response need one);
     - `padding_side` is forced (left by default, for batched generation);
     - a tokenizer without a chat template gets the plain ChatML template of `CHATML_TEMPLATE`
-      (`<|im_start|>{role}\\n{content}<|im_end|>\\n`); on a tokenizer that lacks those special tokens the
-      markers are tokenized as ordinary text, which works but costs a few tokens per message.
+      (`<|im_start|>{role}\\n{content}<|im_end|>\\n`), with a warning; on a tokenizer that lacks those special
+      tokens the markers are tokenized as ordinary text, which works but costs a few tokens per message.
+    A local directory without tokenizer files is a MissingFileError that lists what it holds.
     """
     name = require_checkpoint(name_or_path, produced_by)
+    if not kw.get("gguf_file"):
+        _require_files(name, TOKENIZER_FILES, "tokenizer files", produced_by)
     tok = _from_pretrained(AutoTokenizer, name, produced_by, **kw)
     if tok.pad_token is None:
         if tok.eos_token is None:
-            raise ValueError(
-                f"tokenizer '{name}' has neither a pad nor an eos token; set one (tokenizer.pad_token = ...)."
-            )
+            raise ConfigError(f"tokenizer '{name}' has neither a pad nor an eos token, so batches cannot be padded "
+                              "and responses cannot end; set pad_token and eos_token in its tokenizer_config.json.")
+        warnings.warn(f"tokenizer '{name}' has no pad token; padding with its eos token {tok.eos_token!r} (the "
+                      "attention mask keeps padding out of every loss). Set pad_token in its tokenizer_config.json "
+                      "to choose another.", UserWarning, stacklevel=2)
         tok.pad_token = tok.eos_token
     tok.padding_side = padding_side
     if not getattr(tok, "chat_template", None):
+        warnings.warn(f"tokenizer '{name}' has no chat template; prompts are formatted as ChatML (<|im_start|>user ... "
+                      "<|im_end|>), which the exported tokenizer keeps. Add the model's own template to its "
+                      "tokenizer_config.json (or chat_template.jinja) to train in that format.", UserWarning,
+                      stacklevel=2)
         tok.chat_template = CHATML_TEMPLATE
     return tok
 
@@ -154,6 +207,8 @@ def load_causal_lm(
     name = require_checkpoint(name_or_path, produced_by)
     if gguf_file is not None:
         _require_gguf_packages()
+    elif not is_adapter_dir(name):
+        _require_files(name, WEIGHT_FILES, "model weights", produced_by)
     if is_adapter_dir(name):
         model = load_adapter_merged(name, _dtype(dtype))
     else:
@@ -205,6 +260,7 @@ def _load_with_head(auto_class: Any, name_or_path: str | os.PathLike, dtype: str
                     trust_remote_code: bool, produced_by: str | None, kw: dict[str, Any], **overrides: Any) -> Any:
     """`auto_class.from_pretrained` with `_head_config` (num_labels=1, a pad id, `overrides`) as its config."""
     name = require_checkpoint(name_or_path, produced_by)
+    _require_files(name, WEIGHT_FILES, "model weights", produced_by)
     config = _head_config(name, produced_by, trust_remote_code, **overrides)
     return _from_pretrained(
         auto_class, name, produced_by,
@@ -276,14 +332,14 @@ def token_values(critic: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 
 
 # ------------------------------------------------------------------------------------ saving
+# model files of a previous export that are never carried over into a new one (they would mix with its weights)
 def save_hf(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-    """Write `model` (safetensors) and `tokenizer` to `out_dir` (created) as a Hugging Face directory.
+    """Write `model` (safetensors) and `tokenizer` to `out_dir` as a Hugging Face directory, atomically
+    (`write_dir_atomically`: a failed write keeps the previous directory and raises NotWritableError).
 
     The config gets the tokenizer's pad id when it has none; a generative model gets a generation_config
     (a copy) with eos and pad ids, so `generate()` stops on eos after reloading. Returns the directory.
     """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     if model.can_generate():
@@ -295,9 +351,12 @@ def save_hf(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike) 
         if gen.bos_token_id is None and tokenizer.bos_token_id is not None:
             gen.bos_token_id = tokenizer.bos_token_id
         model.generation_config = gen
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(out_dir, write)
 
 
 def gguf_to_hf(

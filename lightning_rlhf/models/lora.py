@@ -188,14 +188,17 @@ def merged_copy(model: torch.nn.Module) -> torch.nn.Module:
 
 def export_lora(model: Any, tokenizer: Any, out_dir: str | Path, mode: str, save_hf: Any) -> Path:
     """Write a PEFT model: `merged` through `save_hf` (a plain HF dir), or `adapter` (PEFT's adapter dir +
-    tokenizer); see the module docstring for how to load either."""
+    tokenizer); see the module docstring for how to load either. Both write atomically (a failed write keeps the
+    previous directory and raises NotWritableError, see `loading.write_dir_atomically`)."""
     if mode == "merged":
         return save_hf(merged_copy(model), tokenizer, out_dir)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    from lightning_rlhf.models.files import write_dir_atomically
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(out_dir, write)
 
 
 def is_adapter_dir(path: str | Path) -> bool:

@@ -23,6 +23,8 @@ from collections.abc import Iterable
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from lightning_rlhf.errors import ConfigError
+
 PAD_TOKEN = "<|pad|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
@@ -51,7 +53,7 @@ def train_bpe_tokenizer(
     """
     n_fixed = _BYTE_ALPHABET + len(SPECIAL_TOKENS) + len(TAG_TOKENS)
     if vocab_size <= n_fixed:
-        raise ValueError(
+        raise ConfigError(
             f"vocab_size={vocab_size} is too small: a byte-level tokenizer needs {n_fixed} fixed entries "
             f"(256 bytes + {len(SPECIAL_TOKENS)} special + {len(TAG_TOKENS)} tag tokens); use vocab_size > {n_fixed}."
         )

@@ -10,7 +10,12 @@ Two YAML forms (extra keys in the list form are the reward's constructor setting
 a batch is retried sample by sample; samples that still raise (or return NaN/inf) score 0, are
 counted, and ONE warning per reward name per process names the reward, the exception and a sample
 index: a flaky reward never stops a run. Returning the wrong number of values, or non-numbers, is a
-bug in the reward and raises.
+bug in the reward and raises. A reward with a `timeout` (seconds per call, in its list entry or mapping) that
+takes longer scores 0 on that whole batch, counted as errors and warned about like a failure (the late call
+finishes in a daemon thread whose result is dropped). A reward that raises a user error
+(`lightning_rlhf.errors.UserError`, e.g. a reward model directory that cannot be loaded) stops the run with its
+message: every sample would fail. Config errors here (an unknown name, a bad weight or setting) are ConfigErrors
+(ValueErrors), which the command line prints as one line.
 
 Simplifications: component names must be unique (one entry per name); dataset columns named
 `prompts` or `completions` are not passed on (they would clash with the positional arguments).
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import threading
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +33,7 @@ from typing import Any, Callable
 
 import torch
 
+from lightning_rlhf.errors import ConfigError, UserError
 from lightning_rlhf.rewards.registry import REWARDS
 
 _WARNED: set[str] = set()  # reward names already warned about in this process
@@ -34,6 +41,33 @@ _WARNED: set[str] = set()  # reward names already warned about in this process
 
 class RewardReturnError(ValueError):
     """A reward returned the wrong number of values, or non-numbers: a bug in the reward."""
+
+
+class RewardTimeout(TimeoutError):
+    """A reward call ran past its `timeout`."""
+
+
+def call_with_timeout(fn: Callable[..., Any], timeout: float | None, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs), or RewardTimeout when it takes longer than `timeout` seconds (None: no limit). The
+    call runs in a daemon thread: Python cannot stop it, so a late call finishes unseen and its result is dropped."""
+    if timeout is None:
+        return fn(*args, **kwargs)
+    box: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = e
+
+    worker = threading.Thread(target=run, daemon=True, name="reward-call")
+    worker.start()
+    worker.join(timeout)
+    if worker.is_alive():
+        raise RewardTimeout(f"reward call took longer than {timeout:g} s")
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
 
 
 class RewardWarning(UserWarning):
@@ -47,6 +81,7 @@ class RewardSpec:
     name: str
     weight: float = 1.0
     kwargs: dict = field(default_factory=dict)
+    timeout: float | None = None  # seconds per call; None: wait as long as it takes
 
 
 @dataclass
@@ -59,16 +94,20 @@ class RewardOutput:
 
 def _weight(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ValueError(f"reward '{name}': weight must be a finite number, got {value!r}")
+        raise ConfigError(f"reward '{name}': weight must be a finite number, got {value!r}")
     return float(value)
 
 
 def _spec_from_mapping(item: Mapping, where: str) -> RewardSpec:
     if "name" not in item:
-        raise ValueError(f"{where}: each list entry needs a 'name' (one of: {', '.join(REWARDS.names())}); "
-                         f"got {dict(item)}")
-    kwargs = {k: v for k, v in item.items() if k not in ("name", "weight")}
-    return RewardSpec(str(item["name"]), _weight(str(item["name"]), item.get("weight", 1.0)), kwargs)
+        raise ConfigError(f"{where}: each list entry needs a 'name' (one of: {', '.join(REWARDS.names())}); "
+                          f"got {dict(item)}")
+    kwargs = {k: v for k, v in item.items() if k not in ("name", "weight", "timeout")}
+    timeout = item.get("timeout")
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0):
+        raise ConfigError(f"{where}: timeout must be a positive number of seconds per call, got {timeout!r}")
+    name = str(item["name"])
+    return RewardSpec(name, _weight(name, item.get("weight", 1.0)), kwargs, None if timeout is None else float(timeout))
 
 
 def parse_reward_specs(rewards: Any) -> list[RewardSpec]:
@@ -93,37 +132,39 @@ def parse_reward_specs(rewards: Any) -> list[RewardSpec]:
             elif isinstance(item, Mapping):
                 specs.append(_spec_from_mapping(item, f"rewards[{i}]"))
             else:
-                raise TypeError(f"rewards[{i}]: expected a name or a dict with 'name', got {type(item).__name__}")
+                raise ConfigError(f"rewards[{i}]: expected a name or a dict with 'name', got {type(item).__name__}")
     else:
-        raise TypeError("rewards: expected a dict {name: weight} or a list of {name: ..., weight: ...}, "
-                        f"got {type(rewards).__name__}")
+        raise ConfigError("rewards: expected a dict {name: weight} or a list of {name: ..., weight: ...}, "
+                          f"got {type(rewards).__name__}")
     if not specs:
-        raise ValueError(f"rewards: empty; name at least one of: {', '.join(REWARDS.names())}")
+        raise ConfigError(f"rewards: empty; name at least one of: {', '.join(REWARDS.names())}")
     names = [s.name for s in specs]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
-        raise ValueError(f"rewards: {dupes} listed more than once; give each reward one entry")
+        raise ConfigError(f"rewards: {dupes} listed more than once; give each reward one entry")
     return specs
 
 
 def build_reward(spec: RewardSpec) -> Callable[..., list[float]]:
     """The callable for one spec: a registered function, or a registered class built with kwargs."""
-    obj = REWARDS.get(spec.name)  # ValueError listing the valid names on a typo
+    obj = REWARDS.get(spec.name)  # ConfigError listing the valid names on a typo
     if not isinstance(obj, type):
         if spec.kwargs:
-            raise ValueError(f"reward '{spec.name}' is a plain function and takes no settings; "
-                             f"remove {sorted(spec.kwargs)}")
+            raise ConfigError(f"reward '{spec.name}' is a plain function and takes no settings; "
+                              f"remove {sorted(spec.kwargs)}")
         return obj
     params = inspect.signature(obj.__init__).parameters
     takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     valid = [n for n in params if n != "self" and params[n].kind is not inspect.Parameter.VAR_KEYWORD]
     bad = sorted(set(spec.kwargs) - set(valid))
     if bad and not takes_any:
-        raise ValueError(f"reward '{spec.name}': unknown settings {bad}; valid: {valid}")
+        raise ConfigError(f"reward '{spec.name}': unknown settings {bad}; valid: {valid}")
     try:
         return obj(**spec.kwargs)
-    except TypeError as e:
-        raise TypeError(f"reward '{spec.name}': bad settings {dict(spec.kwargs)}: {e}") from e
+    except UserError:
+        raise
+    except (TypeError, ValueError) as e:  # a missing or out-of-range setting, checked by the reward itself
+        raise ConfigError(f"reward '{spec.name}': bad settings {dict(spec.kwargs)}: {e}") from e
 
 
 def _to_floats(name: str, raw: Any, n: int) -> torch.Tensor:
@@ -155,6 +196,7 @@ class CombinedReward:
         self.names = [s.name for s in self.specs]
         self.weights = {s.name: s.weight for s in self.specs}
         self.fns = {s.name: build_reward(s) for s in self.specs}
+        self.timeouts = {s.name: s.timeout for s in self.specs}
 
     def to(self, device: str | torch.device) -> "CombinedReward":
         """Move components that hold models (e.g. `reward_model`) to `device`."""
@@ -182,8 +224,14 @@ class CombinedReward:
 
     def _score(self, name: str, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, int]:
         fn, n = self.fns[name], len(completions)
+        timeout = self.timeouts[name]
         try:
-            raw = fn(prompts, completions, **columns)
+            raw = call_with_timeout(fn, timeout, prompts, completions, **columns)
+        except UserError:
+            raise
+        except RewardTimeout:
+            _warn_once(name, f"timed out after {timeout:g} s (the whole batch)", 0, n)
+            return torch.zeros(n, dtype=torch.float64), n
         except Exception:  # noqa: BLE001 - find the samples that fail, score the rest
             values = self._score_per_sample(name, prompts, completions, columns)
         else:
@@ -200,7 +248,10 @@ class CombinedReward:
         fn, out, failed = self.fns[name], [], []
         for i in range(len(completions)):
             try:
-                raw = fn([prompts[i]], [completions[i]], **{k: [col[i]] for k, col in columns.items()})
+                raw = call_with_timeout(fn, self.timeouts[name], [prompts[i]], [completions[i]],
+                                        **{k: [col[i]] for k, col in columns.items()})
+            except UserError:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure of a user reward must not stop the run
                 failed.append((i, e))
                 out.append(math.nan)

@@ -2,8 +2,9 @@
 
 `RewardModelScorer(path)` loads an `AutoModelForSequenceClassification` (one label) and its tokenizer
 from a local HF-format directory (what `recipes/reward_model/tiny_arithmetic.yaml` writes) or a hub id,
-on first call. Each pair is rendered as a user/assistant chat when the tokenizer has a chat template
-(else prompt + completion), scored in batches under `torch.no_grad()`, and the score is read at the
+on first call (a local path that does not exist fails at construction, a MissingFileError). Each pair is
+rendered as a user/assistant chat when the tokenizer has a chat template (else prompt + completion), scored
+in batches under `torch.no_grad()`, and the score is read at the
 LAST REAL token found from the attention mask, with position ids from the mask too, so the score does
 not depend on the padding side or on what else is in the batch.
 
@@ -18,6 +19,7 @@ import os
 
 import torch
 
+from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.rewards.registry import REWARDS
 
 RECIPE_HINT = "train one with `python -m lightning_rlhf fit --config recipes/reward_model/tiny_arithmetic.yaml`"
@@ -30,8 +32,10 @@ class RewardModelScorer:
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None,
                  apply_chat_template: bool = True):
         if batch_size < 1 or max_length < 2:
-            raise ValueError(f"reward_model: batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) >= 2")
+            raise ConfigError(f"reward_model: batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) "
+                              ">= 2")
         self.path = str(path)
+        self._require_path()  # at construction: a typo fails the run before training, not at its first step
         self.batch_size = batch_size
         self.max_length = max_length
         self.device = torch.device(device) if device else None
@@ -47,21 +51,17 @@ class RewardModelScorer:
             return self
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        from lightning_rlhf.models import looks_local  # here, not at the top: importing rewards stays light
-
-        path = os.path.expanduser(self.path)
-        if not os.path.exists(path) and looks_local(path):
-            raise FileNotFoundError(f"reward model directory '{self.path}' does not exist; {RECIPE_HINT}, "
-                                    f"then point `path` at its saved HF directory")
+        path = self._require_path()
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1)
-        except OSError as e:
-            raise FileNotFoundError(f"could not load a reward model from '{self.path}' ({e}); {RECIPE_HINT}") from e
+        except (OSError, ValueError) as e:
+            detail = " ".join(str(e).split())[:300]
+            raise MissingFileError(f"could not load a reward model from '{self.path}' ({detail}); {RECIPE_HINT}") from e
         if tokenizer.pad_token is None:
             if tokenizer.eos_token is None:
-                raise ValueError(f"reward model tokenizer at '{self.path}' has neither pad_token nor eos_token; "
-                                 "set one in its tokenizer_config.json")
+                raise ConfigError(f"reward model tokenizer at '{self.path}' has neither pad_token nor eos_token; "
+                                  "set one in its tokenizer_config.json")
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.truncation_side = "left"
         if model.config.pad_token_id is None:
@@ -69,6 +69,16 @@ class RewardModelScorer:
         model.eval().requires_grad_(False)
         self.model, self.tokenizer = model.to(self.device or "cpu"), tokenizer
         return self
+
+    def _require_path(self) -> str:
+        """The expanded path; MissingFileError when it looks local (not a hub id) and does not exist."""
+        from lightning_rlhf.models import looks_local  # here, not at the top: importing rewards stays light
+
+        path = os.path.expanduser(self.path)
+        if not os.path.exists(path) and looks_local(path):
+            raise MissingFileError(f"reward model directory '{self.path}' does not exist; {RECIPE_HINT}, then point "
+                                   "`path` at its saved HF directory")
+        return path
 
     def to(self, device: str | torch.device) -> "RewardModelScorer":
         self.device = torch.device(device)

@@ -233,6 +233,17 @@ class AccuracyReward:
                              "(the gold final answer)")
         return [self.score(p, c, a) for p, c, a in zip(prompts, completions, answer)]
 
+    def unscorable(self, row: dict[str, Any]) -> str | None:
+        """Why no completion can ever score 1 on `row` (its gold answer is not one mathematical expression, so a
+        prediction equal to it is rejected as prose or a list), else None. Read before training, to drop and count
+        such rows instead of training on all-zero rewards."""
+        gold = _normalize("" if row.get("answer") is None else str(row["answer"]))
+        if gold and _is_single_expression(gold, gold, "", self.max_answer_chars):
+            return None
+        return (f"the 'accuracy' reward can never match its answer {str(row.get('answer'))[:60]!r} (it grades one "
+                "number or math expression, never prose: write it as e.g. 16, or map `answer` to the column that "
+                "holds the final answer)")
+
     def score(self, prompt: str, completion: str, gold: Any) -> float:
         gold_s = _normalize("" if gold is None else str(gold))
         pred = extract_answer(completion, prompt, self.max_completion_chars)
