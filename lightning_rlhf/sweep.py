@@ -309,13 +309,19 @@ def _tail(path: Path, n: int = 20) -> str:
     return "\n".join(path.read_text(errors="replace").splitlines()[-n:]) if path.exists() else ""
 
 
-def _start(sweep: dict, k: int, params: dict, out: Path, env: dict) -> tuple:
-    """Start trial k in a clean `trial_<k>` dir, its output to log.txt; (process, log, t0, dir)."""
+def _start(sweep: dict, k: int, params: dict, out: Path, env: dict, resume: bool = False) -> tuple:
+    """Start trial k in its `trial_<k>` dir, its output to log.txt; (process, log, t0, dir). With `resume` and a
+    checkpoint there (a trial killed with the sweep), it continues from it; otherwise the dir is cleaned first."""
+    from lightning_rlhf.callbacks.checkpoint import step_checkpoints
+
     d = out / f"trial_{k}"
-    shutil.rmtree(d, ignore_errors=True)
-    d.mkdir(parents=True)
     argv = trial_argv(sweep, params, d)
-    log = open(d / "log.txt", "w")
+    if resume and step_checkpoints(d / "checkpoints"):
+        argv += ["--ckpt_path", "last"]
+    else:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+    log = open(d / "log.txt", "a")
     log.write(f"$ {shlex.join(argv)}\n")
     log.flush()
     print(f"[lightning_rlhf] sweep trial {k}: {json.dumps(params)} -> {d}", flush=True)
@@ -339,8 +345,9 @@ def _finish(sweep: dict, k: int, params: dict, started: tuple) -> dict:
     return row
 
 
-def _run_trials(sweep: dict, todo: list[tuple[int, dict]], out: Path, parallel: int) -> None:
-    """Run the trials, up to `parallel` at once, appending each one's row to trials.jsonl as it ends."""
+def _run_trials(sweep: dict, todo: list[tuple[int, dict, bool]], out: Path, parallel: int) -> None:
+    """Run the (index, params, resume) trials, up to `parallel` at once, appending each one's row to trials.jsonl
+    as it ends."""
     env = dict(os.environ)
     if parallel > 1 and "OMP_NUM_THREADS" not in env:  # share the cores instead of oversubscribing them
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // parallel))
@@ -348,8 +355,8 @@ def _run_trials(sweep: dict, todo: list[tuple[int, dict]], out: Path, parallel: 
     try:
         while todo or running:
             while todo and len(running) < parallel:
-                k, params = todo.pop(0)
-                running[k] = (params, _start(sweep, k, params, out, env))
+                k, params, resume = todo.pop(0)
+                running[k] = (params, _start(sweep, k, params, out, env, resume))
             for k, (params, started) in list(running.items()):
                 if started[0].poll() is not None:
                     _append(out / "trials.jsonl", _finish(sweep, k, params, started))
@@ -375,7 +382,7 @@ def run_sweep(path: str, count: int | None = None, parallel: int = 1, out: str |
             raise ConfigError(f"{root}/trials.jsonl: trial {k} ran with {done[k]['params']}, but {path} now gives "
                               f"{params} (the sweep file changed); pass another --out DIR, or delete {root} to start "
                               "over")
-    todo = [(k, p) for k, p in enumerate(trials, 1)
+    todo = [(k, p, k not in done) for k, p in enumerate(trials, 1)  # not recorded: killed, continue it
             if k not in done or (retry_failed and done[k]["status"] != "finished")]
     print(f"[lightning_rlhf] sweep {sweep['name']} ({sweep['method']}): {len(trials)} trials, "
           f"{len(trials) - len(todo)} finished earlier, {parallel} at a time -> {root}", flush=True)

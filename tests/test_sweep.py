@@ -225,3 +225,25 @@ def test_killed_sweep_reruns_only_the_unfinished_trials(tmp_path):
 
 if __name__ == "__main__":
     sys.exit(fake_trial(sys.argv[1:]))
+
+
+def test_a_killed_trial_with_a_checkpoint_continues_from_it(tmp_path):
+    from lightning_rlhf.sweep import _start
+
+    sweep = {"command": ["${interpreter}", "-c", "import sys; print(sys.argv[1:])", "${args}"]}
+    env = dict(os.environ)
+    (tmp_path / "trial_1" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "trial_1" / "checkpoints" / "step=50.ckpt").write_bytes(b"x")
+    (tmp_path / "trial_1" / "metrics.csv").write_text("step\n0\n")
+    for k, resume in ((1, True), (2, True)):  # trial 2 has no checkpoint: a clean start, without --ckpt_path
+        proc, log, _, d = _start(sweep, k, {"lr": 0.1}, tmp_path, env, resume)
+        proc.wait()
+        log.close()
+        printed = (d / "log.txt").read_text()
+        assert ("'--ckpt_path', 'last'" in printed) == (k == 1), printed
+    assert (tmp_path / "trial_1" / "metrics.csv").exists()  # kept for the resumed run to continue
+    # a failed trial retried (resume=False) starts clean even with a checkpoint
+    proc, log, _, d = _start(sweep, 1, {"lr": 0.1}, tmp_path, env, False)
+    proc.wait()
+    log.close()
+    assert not (d / "checkpoints").exists() and "--ckpt_path" not in (d / "log.txt").read_text()

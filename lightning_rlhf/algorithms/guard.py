@@ -7,8 +7,8 @@ After `max_in_a_row` skipped updates in a row the run stops with `TrainingDiverg
 line prints as one line; checkpoints already written stay as they are (the last good one resumes).
 
 Simplified: the gradient check is one fused norm over all gradients (a parameter-by-parameter search runs only
-when that norm is not finite, to name the tensor); under data parallel the decision is made on the averaged
-gradients plus a cross-rank "any bad loss" flag, so every rank skips the same updates.
+when that norm is not finite, to name the tensor); under data parallel each rank checks what it holds and one
+cross-rank "anything bad" flag makes every rank skip the same updates.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ class NonFiniteGuard:
         step this update belongs to, counted from 1 (so `step=N.ckpt` holds the weights before step N + 1)."""
         bad = first_nonfinite(losses, models)
         if any_rank is not None and any_rank(bad is not None) and bad is None:
-            bad = "a loss on another rank"
+            bad = "a loss or gradient on another rank"
         if bad is None:
             self.in_a_row = 0
             return False
