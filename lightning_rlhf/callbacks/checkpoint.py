@@ -149,10 +149,16 @@ class RunCheckpoint(ModelCheckpoint):
                     old.unlink(missing_ok=True)
         trainer.strategy.barrier("RunCheckpoint")
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """Save after every `every_n_steps`-th step: the state after its update, which a resumed run continues
+        from (Lightning's own manual-optimization branch would warn that no pre-update state was kept)."""
+        step = trainer.global_step
+        if self.every_n_steps and step % self.every_n_steps == 0 and not self._should_skip_saving_checkpoint(trainer):
+            self._save_checkpoint(trainer, self.format_checkpoint_name({"step": step}))
+
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.save_at_end and self._last_global_step_saved != trainer.global_step and trainer.global_step > 0:
+        if self.save_at_end and trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
             self._save_checkpoint(trainer, self.format_checkpoint_name({"step": trainer.global_step}))
-            self._last_global_step_saved = trainer.global_step
 
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
         directory = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
