@@ -32,7 +32,7 @@ LAYERS = {
     "models": 2, "data": 2,
     "rollout": 3, "rewards": 3,
     "algorithms": 4, "callbacks": 4,
-    "cli": 5, "commands": 5, "command_registry": 5, "pipeline": 5, "plot": 5, "sweep": 5, "lightning_cli": 5, "loggers": 5, "__main__": 5,
+    "cli": 5, "commands": 5, "command_registry": 5, "export": 5, "pipeline": 5, "plot": 5, "sweep": 5, "lightning_cli": 5, "loggers": 5, "__main__": 5,
 }  # fmt: skip
 TOP_LAYER = 5  # the package's own __init__
 WARNING_FILTERS = {"filterwarnings", "simplefilter"}

@@ -156,7 +156,7 @@ def test_resume_refuses_a_different_reference_and_restores_the_same_one():
     ref, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     identity = {"source": "ckpt/sft", "dtype": "torch.float32", "fingerprint": fingerprint(ref)}
     # fingerprint = [elements, sum, sum of squares] over weight (2x3) and bias (2): 8 elements
-    w = torch.cat([ref.weight.flatten(), ref.bias]).double()
+    w = torch.cat([ref.weight.flatten(), ref.bias]).detach().double()
     assert identity["fingerprint"] == pytest.approx([8.0, float(w.sum()), float((w * w).sum())])
     ckpt = {"state_dict": {"policy.w": torch.ones(1), "ref.weight": ref.weight, "ref.bias": ref.bias}}
     drop_frozen(ckpt, {"ref": identity})

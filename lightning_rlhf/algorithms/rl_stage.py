@@ -5,7 +5,7 @@
     the weighted `rewards`; the reference's log-probs under no_grad, `optim.micro_batch_size` at a time;
   - advantages by the estimator named in `advantage.estimator` (optionally whitened across ranks);
   - the policy loss named in `loss.name`, on one micro-batch;
-  - one mini/micro-batch iterator over a rollout (`micro_batches`) and the optimizer step that advances
+  - one mini/micro-batch iterator over a rollout (`batching.micro_batches`) and the optimizer step that advances
     `global_step` once per rollout (`algorithms/optim.py`);
   - greedy validation on held-out prompts (val/accuracy, val/reward, val/response_length), the plan
     printout before training, the optimizer and its schedule, export (from `Stage`).
@@ -16,7 +16,7 @@ serve as the "old" policy (dropout is disabled so a teacher-forced pass reproduc
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Callable, Iterator
 
 import torch
@@ -25,6 +25,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.enums import GradClipAlgorithmType
 from torch import Tensor
 
+from lightning_rlhf.algorithms.batching import MicroBatch, micro_batches  # noqa: F401  (re-exported)
 from lightning_rlhf.algorithms.metrics import Means
 from lightning_rlhf.algorithms.optim import as_list, step
 from lightning_rlhf.algorithms.options import (
@@ -48,53 +49,6 @@ from lightning_rlhf.rollout.keyed import prompt_keys
 
 
 OLD_LOGPROBS = ("auto", "sampling", "recompute")
-
-
-@dataclass
-class MicroBatch:
-    """Rows `idx` of a rollout (`part`), their loss weight in the mini-batch, and where they stand."""
-
-    idx: Tensor
-    part: Rollout
-    weight: Tensor | float
-    tokens: Tensor
-    epoch: int
-    ends_minibatch: bool
-    ends_epoch: bool
-    last: bool
-
-
-def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str,
-                  token_norm: Callable[[Tensor], Tensor] | None = None) -> Iterator[MicroBatch]:
-    """`epochs` passes over `ro`, each in a fresh random order, cut into mini-batches of `mini` rows (one
-    optimizer step each) and micro-batches of `micro` rows (one backward each). When both sizes hold whole
-    groups, groups are shuffled as units, so the rows of one prompt stay in one micro-batch. A micro-batch's weight makes
-    the accumulated gradient that of the whole mini-batch: its share of real tokens for token-mean, its
-    share of rows for the per-sequence aggregations.
-
-    `token_norm` maps this rank's mini-batch token count to the count token-mean divides by; data parallel
-    passes (sum over ranks) / world size, so that after DDP averages the gradients over ranks the loss is the
-    mean over the tokens of every rank's mini-batch, not a mean of per-rank means."""
-    n, g = len(ro), ro.group_size
-    whole_groups = g > 1 and mini % g == 0 and micro % g == 0
-    for epoch in range(epochs):
-        if whole_groups:  # shuffle groups, keep each together: its rows share one prompt forward
-            order = torch.randperm(n // g, device=ro.response_ids.device)
-            perm = (order[:, None] * g + torch.arange(g, device=order.device)).reshape(-1)
-        else:
-            perm = torch.randperm(n, device=ro.response_ids.device)
-        batches = perm.split(mini)
-        for k, mb_idx in enumerate(batches):
-            mb_tokens = ro.response_mask[mb_idx].sum()
-            mb_tokens = mb_tokens.clamp(min=1) if token_norm is None else token_norm(mb_tokens)
-            parts = mb_idx.split(micro)
-            for j, idx in enumerate(parts):
-                part = ro.select(idx)
-                tokens = part.response_mask.sum()
-                weight = tokens / mb_tokens if agg == "token-mean" else len(idx) / len(mb_idx)
-                end_mb = j == len(parts) - 1
-                end_epoch = end_mb and k == len(batches) - 1
-                yield MicroBatch(idx, part, weight, tokens, epoch, end_mb, end_epoch, end_epoch and epoch == epochs - 1)
 
 
 def repeat_columns(batch: dict[str, list], g: int) -> tuple[list[str], dict[str, list]]:
