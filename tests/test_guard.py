@@ -100,3 +100,35 @@ def test_k_bad_updates_in_a_row_stop_the_run_and_keep_its_checkpoints(tiny_model
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")) == ["step=2.ckpt", "step=3.ckpt"]
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "step=3.ckpt", weights_only=True)
     assert ckpt["lightning_rlhf"]["stage"]["guard"] == {"skipped": 1, "in_a_row": 1}
+
+
+def test_sft_skips_a_nan_update_under_automatic_optimization(tiny_model_dir, tmp_path):
+    from lightning.pytorch import Trainer
+
+    from lightning_rlhf.algorithms import SFT
+    from lightning_rlhf.data import SFTDataModule
+
+    class NaNOnSecondStep(SFT):
+        def _loss_sums(self, batch):
+            loss_sum, n = super()._loss_sums(batch)
+            if self.training and self.global_step == 1:  # the second update's loss is NaN
+                loss_sum = loss_sum * float("nan")
+            return loss_sum, n
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            self.snapshots.append({k: v.detach().clone() for k, v in self.policy.state_dict().items()})
+
+    torch.manual_seed(0)
+    module = NaNOnSecondStep(policy=str(tiny_model_dir), max_length=48, val_on_start=False,
+                             optimizer=lambda p: torch.optim.AdamW(p, lr=1e-3))
+    module.snapshots = []
+    data = SFTDataModule(train={"task": "arithmetic_sft", "n": 32}, batch_size=4)
+    trainer = Trainer(accelerator="cpu", max_steps=3, logger=False, enable_checkpointing=False,
+                      enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.warns(RuntimeWarning, match="step 2: non-finite model gradient of"):
+        trainer.fit(module, datamodule=data)
+    assert module.guard.skipped == 1 and trainer.global_step == 3
+    first, second, third = module.snapshots
+    assert all(torch.equal(first[k], second[k]) for k in first)  # the NaN update changed no weight
+    assert any(not torch.equal(second[k], third[k]) for k in first)  # the next one trained
+    assert all(torch.isfinite(v).all() for v in third.values())
