@@ -6,7 +6,8 @@ source directory, dtype, LoRA options); export loads each the same way, puts the
 (strictly: every key must match) and writes it with the stage's own export (`export_hf`: LoRA merged or as
 an adapter). The first model (the policy, or the reward model) goes to DIR, the others (PPO's critic) to
 DIR/<name>. Simplified: the source directories the run started from must still exist (the checkpoint holds
-the trained weights, not the tokenizer or the model config).
+the trained weights, not the tokenizer or the model config; under LoRA not the base weights either, which are
+checked against the fingerprint the checkpoint recorded).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 
+from lightning_rlhf.algorithms.resume import fingerprint as _fingerprint
 from lightning_rlhf.command_registry import COMMANDS
 from lightning_rlhf.errors import DataError, MissingFileError
 
@@ -54,8 +56,11 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def rebuild(record: dict[str, Any], weights: dict[str, torch.Tensor]) -> tuple[torch.nn.Module, Any]:
-    """(the model of `record` with this checkpoint's weights, its tokenizer)."""
+def rebuild(record: dict[str, Any], weights: dict[str, torch.Tensor],
+            frozen: dict[str, Any] | None = None) -> tuple[torch.nn.Module, Any]:
+    """(the model of `record` with this checkpoint's weights, its tokenizer). `frozen`: the identity of weights the
+    checkpoint left out (LoRA base weights); they come from the source, which must still hold the same ones."""
+    from lightning_rlhf.algorithms.resume import frozen_entries, same_fingerprint
     from lightning_rlhf.models import apply_lora, load_causal_lm, load_critic, load_reward_model, load_tokenizer
 
     kind, source = record["kind"], record["source"]
@@ -66,6 +71,14 @@ def rebuild(record: dict[str, Any], weights: dict[str, torch.Tensor]) -> tuple[t
     model = apply_lora(model, record.get("lora"), TASKS[kind])
     prefix = record["attr"] + "."
     state = {k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+    if frozen is not None:
+        base = frozen_entries(model, record["attr"])
+        if set(base) != set(frozen["keys"]) or not same_fingerprint(frozen["fingerprint"],
+                                                                    [*_fingerprint(base.values())]):
+            raise DataError(f"the base weights now in '{source}' differ from those the run trained its adapters on "
+                            "(the checkpoint keeps only the adapters); restore that directory, or export from a "
+                            "run that saved its base weights")
+        state.update({k[len(prefix):]: v for k, v in base.items()})
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise DataError(f"the checkpoint's '{record['attr']}' weights do not fit the model loaded from '{source}' "
@@ -82,8 +95,9 @@ def export_checkpoint(ckpt_path: str | Path, out: str | Path, lora_export: str |
     path = find_checkpoint(ckpt_path)
     ckpt = read_checkpoint(path)
     written = []
+    frozen = ckpt["lightning_rlhf"].get("frozen", {})
     for i, record in enumerate(ckpt["lightning_rlhf"]["exports"]):
-        model, tokenizer = rebuild(record, ckpt["state_dict"])
+        model, tokenizer = rebuild(record, ckpt["state_dict"], frozen.get(record["attr"]))
         lora = as_lora(record["lora"]) if record.get("lora") else None
         if lora is not None and lora_export:
             lora = as_lora({**record["lora"], "export": lora_export})

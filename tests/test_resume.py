@@ -1,9 +1,10 @@
 """Exact resume: a run SIGKILLed after step k and resumed with `--ckpt_path last` ends, at step N, with the same
 logged metrics (1e-6) and the same weights as an uninterrupted run with the same seed. GRPO (sampling from
 torch's generator, not keyed, so the RNG states must come back), PPO (adaptive KL on: its coefficient must come
-back) and SFT (dropout on); each crosses an epoch boundary and uses AdamW with a warmup-cosine schedule, so
-optimizer and scheduler states matter; `export` of the last checkpoint equals the run's own export. Also: a kill half-way through writing a checkpoint leaves the previous
-one loadable, and the run resumes from it.
+back), SFT (dropout on) and GRPO with LoRA (the checkpoint holds the adapters, not the frozen base). Each crosses
+an epoch boundary and uses AdamW with a warmup-cosine schedule, so optimizer and scheduler states matter;
+`export` of the last checkpoint equals the run's own export. Also: a kill half-way through writing a checkpoint
+leaves the previous one loadable, and the run resumes from it.
 
 Each run is a real `fit` in a subprocess (tests/helpers/fit_with_test_rewards.py, whose `kill_callbacks`
 send the SIGKILL from inside the run at a chosen point).
@@ -38,10 +39,12 @@ def config(stage: str, model_dir: Path, out: Path, callbacks: list[dict]) -> dic
         "val": {"task": "arithmetic", "n": 4, "split": "val", "seed": 1}, "batch_size": 4, "val_batch_size": 4,
         "seed": 3}}
     optim = {"epochs": 2, "mini_batch_size": 8, "micro_batch_size": 4, "lr_schedule": "cosine", "warmup_steps": 2}
-    if stage == "grpo":
+    if stage in ("grpo", "grpo_lora"):
         model = {"class_path": "lightning_rlhf.algorithms.GRPO", "init_args": {
             **common, "rewards": {"digit_share": 1.0}, "rollout": {"num_generations": 4, "max_new_tokens": 8},
             "loss": {"beta": 0.1}, "optim": optim}}
+        if stage == "grpo_lora":  # the checkpoint keeps the adapters; the base weights come from the source
+            model["init_args"]["lora"] = {"r": 4, "alpha": 8}
         data = rl_data
     elif stage == "ppo":
         model = {"class_path": "lightning_rlhf.algorithms.PPO", "init_args": {
@@ -96,7 +99,7 @@ def assert_same(one: Path, two: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("stage,kill", [("grpo", 5), ("ppo", 3), ("sft", 3)])
+@pytest.mark.parametrize("stage,kill", [("grpo", 5), ("ppo", 3), ("sft", 3), ("grpo_lora", 3)])
 def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, tmp_path):
     whole = fit(stage, tiny_model_dir, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
@@ -114,6 +117,11 @@ def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, t
     assert max(int(r["step"]) for r in rows) == STEPS - 1  # step g is logged at g - 1, as Lightning does
     # the newest two checkpoints are kept: steps 4 and 6 (6 saved at the end)
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["step=4.ckpt", "step=6.ckpt"]
+    if stage == "grpo_lora":  # the frozen base weights are recorded by identity, not stored
+        ckpt = torch.load(run / "checkpoints" / "step=6.ckpt", weights_only=True)
+        base = ckpt["lightning_rlhf"]["frozen"]["policy"]["keys"]
+        assert base and not set(base) & set(ckpt["state_dict"])
+        assert any("lora_A" in k for k in ckpt["state_dict"]) and not any("lora_A" in k for k in base)
     if stage == "ppo":  # the adaptive controller moved beta, and it came back from the checkpoint
         assert float([r for r in rows if "train/kl_coef" in r][-1]["train/kl_coef"]) != 0.05
     # `export` of the last checkpoint writes the same models as the run's own export at the end
@@ -149,19 +157,30 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_pa
 
 
 def test_resume_refuses_a_different_reference_and_restores_the_same_one():
-    from lightning_rlhf.algorithms.resume import drop_frozen, fingerprint, restore_frozen
+    from lightning_rlhf.algorithms.resume import drop_frozen, frozen_entries, identity, restore_frozen
     from lightning_rlhf.errors import ConfigError
 
     torch.manual_seed(0)
     ref, other = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
-    identity = {"source": "ckpt/sft", "dtype": "torch.float32", "fingerprint": fingerprint(ref)}
+    ident = identity(frozen_entries(ref, "ref", everything=True), "ckpt/sft")
     # fingerprint = [elements, sum, sum of squares] over weight (2x3) and bias (2): 8 elements
     w = torch.cat([ref.weight.flatten(), ref.bias]).detach().double()
-    assert identity["fingerprint"] == pytest.approx([8.0, float(w.sum()), float((w * w).sum())])
+    assert ident["fingerprint"] == pytest.approx([8.0, float(w.sum()), float((w * w).sum())])
+    assert ident["keys"] == ["ref.bias", "ref.weight"]
     ckpt = {"state_dict": {"policy.w": torch.ones(1), "ref.weight": ref.weight, "ref.bias": ref.bias}}
-    drop_frozen(ckpt, {"ref": identity})
+    drop_frozen(ckpt, {"ref": ident})
     assert list(ckpt["state_dict"]) == ["policy.w"]  # the frozen weights are not stored, their identity is
-    with pytest.raises(ConfigError, match="trained against the frozen ref model from 'ckpt/sft'.* whose weights differ"):
-        restore_frozen(ckpt, {"ref": (other, {**identity, "source": "ckpt/other", "fingerprint": fingerprint(other)})})
-    restore_frozen(ckpt, {"ref": (ref, identity)})  # the same reference: its weights go back for strict loading
+    theirs = frozen_entries(other, "ref", everything=True)
+    with pytest.raises(ConfigError, match="trained against the frozen ref weights from 'ckpt/sft'.* whose weights differ"):
+        restore_frozen(ckpt, {"ref": (theirs, identity(theirs, "ckpt/other"))})
+    restore_frozen(ckpt, {"ref": (frozen_entries(ref, "ref", everything=True), ident)})  # back for strict loading
     assert torch.equal(ckpt["state_dict"]["ref.weight"], ref.weight)
+
+
+def test_lora_keeps_only_the_base_weights_out():
+    """Under LoRA the frozen base weights are the entries without gradient; the adapters stay in the checkpoint."""
+    from lightning_rlhf.algorithms.resume import frozen_entries
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    model[0].requires_grad_(False)
+    assert sorted(frozen_entries(model, "policy")) == ["policy.0.bias", "policy.0.weight"]

@@ -32,7 +32,6 @@ from lightning_rlhf.algorithms.options import (
     AdvantageOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
 )
 from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
-from lightning_rlhf.algorithms.resume import fingerprint
 from lightning_rlhf.algorithms.runtime import keep_freed_memory
 from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
 from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share, source_record
@@ -191,7 +190,6 @@ class RLStage(Stage):
             policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype, self.lora_cfg)
         self.model_sources["policy"] = source_record("causal_lm", policy, dtype, gguf_file)
         self.ref_is_base = self.ref is None and self.lora_cfg is not None and self.loss_cfg.beta > 0
-        self._ref_identity: dict[str, Any] | None = None
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
@@ -205,15 +203,12 @@ class RLStage(Stage):
     def trained_model(self) -> torch.nn.Module:
         return self.policy
 
-    def frozen_models(self) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
-        """The frozen reference (when loaded), kept out of checkpoints and recorded by source and fingerprint."""
-        if self.ref is None:
-            return {}
-        if self._ref_identity is None:  # computed once: the reference never changes
-            hp = self.hparams
-            self._ref_identity = {"source": str(hp.ref_model or hp.policy), "dtype": str(next(self.ref.parameters()).dtype),
-                                  "fingerprint": fingerprint(self.ref)}
-        return {"ref": (self.ref, self._ref_identity)}
+    def frozen_modules(self) -> dict[str, tuple[torch.nn.Module, bool, str]]:
+        """The frozen reference (when loaded) as a whole, plus the LoRA base weights (`Stage.frozen_modules`)."""
+        frozen = super().frozen_modules()
+        if self.ref is not None:
+            frozen["ref"] = (self.ref, True, str(self.hparams.ref_model or self.hparams.policy))
+        return frozen
 
     def lr_schedule(self) -> tuple[str, int]:
         return self.optim_cfg.lr_schedule, self.optim_cfg.warmup_steps

@@ -11,7 +11,8 @@ It owns the parts that are the same in all four:
   - the non-finite guard (`algorithms/guard.py`): an update with a NaN/inf loss or gradient is skipped and
     counted (train/skipped_updates); `max_skipped_in_a_row` of them stop the run;
   - checkpoints that resume exactly (`algorithms/resume.py`): RNG states restored before the next training
-    batch, frozen models recorded by identity instead of weights (`frozen_models()`), and `resume_state()`.
+    batch, frozen weights recorded by identity instead of stored (`frozen_weights()`: the reference, and the
+    base weights under LoRA adapters), and `resume_state()`.
 A stage provides `validate_batch(batch)`, `trained_model()`, `lr_schedule()` and, if it writes more than
 one model, `exports()`. `SupervisedStage` adds the arguments SFT and the reward model share.
 Simplified: one optimizer here (PPO overrides `configure_optimizers` for two).
@@ -31,7 +32,9 @@ from lightning.pytorch.cli import OptimizerCallable
 
 from lightning_rlhf.algorithms.guard import NonFiniteGuard
 from lightning_rlhf.algorithms.metrics import Means
-from lightning_rlhf.algorithms.resume import KEY, drop_frozen, restore_frozen, rng_state, set_rng_state
+from lightning_rlhf.algorithms.resume import (
+    KEY, drop_frozen, frozen_entries, identity, restore_frozen, rng_state, set_rng_state,
+)
 from lightning_rlhf.algorithms.schedules import make_scheduler
 from lightning_rlhf.algorithms.sharding import full_parameters
 from lightning_rlhf.errors import ConfigError
@@ -106,6 +109,7 @@ class Stage(LightningModule):
         self._pending_rng: dict[str, Any] | None = None
         # attribute -> how that trained model was loaded (`export.py` rebuilds it from a checkpoint)
         self.model_sources: dict[str, dict[str, Any]] = {}
+        self._frozen_identity: dict[str, dict[str, Any]] = {}
 
     # ---- what a stage provides -----------------------------------------------------------------------
     def full_parameters(self, module: torch.nn.Module) -> ContextManager[None]:
@@ -126,9 +130,23 @@ class Stage(LightningModule):
         """(model, output_dir) pairs written at the end of fit; the first is the stage's result."""
         return [(self.trained_model(), self.output_dir)]
 
-    def frozen_models(self) -> dict[str, tuple[torch.nn.Module, dict[str, Any]]]:
-        """{attribute: (frozen module, identity)} kept out of checkpoints (RLStage: the reference)."""
-        return {}
+    def frozen_modules(self) -> dict[str, tuple[torch.nn.Module, bool, str]]:
+        """{attribute: (module, whole module frozen?, source)} whose frozen weights stay out of checkpoints: with
+        LoRA the base weights of each trained model (RLStage adds its reference)."""
+        if self.lora_cfg is None:
+            return {}
+        return {name: (getattr(self, name), False, src["source"]) for name, src in self.model_sources.items()}
+
+    def frozen_weights(self) -> dict[str, tuple[dict[str, torch.Tensor], dict[str, Any]]]:
+        """{name: (state-dict entries, identity)} of `frozen_modules()`; identities computed once (they never
+        change during a run)."""
+        out = {}
+        for name, (module, whole, source) in self.frozen_modules().items():
+            entries = frozen_entries(module, name, everything=whole)
+            if name not in self._frozen_identity:
+                self._frozen_identity[name] = identity(entries, source)
+            out[name] = (entries, self._frozen_identity[name])
+        return out
 
     def resume_state(self) -> dict[str, Any]:
         """What the stage needs besides weights and optimizers to continue exactly (saved in checkpoints)."""
@@ -155,7 +173,7 @@ class Stage(LightningModule):
 
     # ---- checkpoints -----------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        drop_frozen(checkpoint, {name: identity for name, (_, identity) in self.frozen_models().items()})
+        drop_frozen(checkpoint, {name: ident for name, (_, ident) in self.frozen_weights().items()})
         checkpoint[KEY].update(rng=rng_state(), stage=self.resume_state(), exports=self.export_records())
 
     def export_records(self) -> list[dict[str, Any]]:
@@ -166,7 +184,7 @@ class Stage(LightningModule):
                 for m, out in self.exports() if id(m) in attrs]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        restore_frozen(checkpoint, self.frozen_models(), path=str(getattr(self._trainer, "ckpt_path", None) or
+        restore_frozen(checkpoint, self.frozen_weights(), path=str(getattr(self._trainer, "ckpt_path", None) or
                                                                    "the checkpoint"))
         extra = checkpoint.get(KEY, {})
         self._pending_rng = extra.get("rng")
