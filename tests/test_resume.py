@@ -1,7 +1,8 @@
 """Exact resume: a run SIGKILLed after step k and resumed with `--ckpt_path last` ends, at step N, with the same
 logged metrics (1e-6) and the same weights as an uninterrupted run with the same seed. GRPO (sampling from
 torch's generator, not keyed, so the RNG states must come back), PPO (adaptive KL on: its coefficient must come
-back), SFT (dropout on) and GRPO with LoRA (the checkpoint holds the adapters, not the frozen base). Each crosses
+back), SFT (dropout on), GRPO with LoRA (the checkpoint holds the adapters, not the frozen base) and GRPO on 2
+data-parallel ranks. Each crosses
 an epoch boundary and uses AdamW with a warmup-cosine schedule, so optimizer and scheduler states matter;
 `export` of the last checkpoint equals the run's own export. Also: a kill half-way through writing a checkpoint
 leaves the previous one loadable, and the run resumes from it.
@@ -68,9 +69,21 @@ def config(stage: str, model_dir: Path, out: Path, callbacks: list[dict]) -> dic
     return {"seed_everything": 0, "trainer": trainer, "model": model, "data": data}
 
 
-def fit(stage: str, model_dir: Path, out: Path, callbacks: list[dict] = (), *extra: str) -> subprocess.CompletedProcess:
+def on_two_ranks(cfg: dict) -> dict:
+    """The same global batch on 2 gloo ranks (2 prompts each), sampled with a key so ranks draw as one process."""
+    cfg["trainer"]["devices"] = 2
+    cfg["trainer"]["strategy"] = {"class_path": "lightning.pytorch.strategies.DDPStrategy",
+                                  "init_args": {"process_group_backend": "gloo", "find_unused_parameters": True}}
+    cfg["data"]["init_args"]["batch_size"] = 2
+    cfg["model"]["init_args"]["rollout"]["sampling_seed"] = 0
+    return cfg
+
+
+def fit(stage: str, model_dir: Path, out: Path, callbacks: list[dict] = (), *extra: str,
+        ranks: int = 1) -> subprocess.CompletedProcess:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(yaml.safe_dump(config(stage, model_dir, out, list(callbacks))))
+    cfg = config(stage, model_dir, out, list(callbacks))
+    (out / "run.yaml").write_text(yaml.safe_dump(on_two_ranks(cfg) if ranks == 2 else cfg))
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     return subprocess.run([sys.executable, str(SCRIPT), "fit", "--config", str(out / "run.yaml"), *extra], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=300)
@@ -134,6 +147,20 @@ def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, t
             have = load_file(got / "model.safetensors")
             assert want.keys() == have.keys() and all(torch.equal(want[k], have[k]) for k in want), name
             assert (got / "tokenizer.json").exists()
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_on_two_ranks_equals_uninterrupted(tiny_model_dir, tmp_path):
+    """Data parallel (2 gloo ranks): each rank restores its RNG and its share of the epoch's prompt order."""
+    whole = fit("grpo", tiny_model_dir, tmp_path / "whole", ranks=2)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    run = tmp_path / "killed"
+    killed = fit("grpo", tiny_model_dir, run, [kill_at(3)], ranks=2)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["step=2.ckpt"]  # mid-epoch
+    resumed = fit("grpo", tiny_model_dir, run, [], "--ckpt_path", "last", ranks=2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same(tmp_path / "whole", run)
 
 
 @pytest.mark.slow
