@@ -2,8 +2,8 @@
 logged metrics (1e-6) and the same weights as an uninterrupted run with the same seed. GRPO (sampling from
 torch's generator, not keyed, so the RNG states must come back), PPO (adaptive KL on: its coefficient must come
 back), SFT (dropout on), GRPO with LoRA (the checkpoint holds the adapters, not the frozen base) and GRPO on 2
-data-parallel ranks. Each crosses
-an epoch boundary and uses AdamW with a warmup-cosine schedule, so optimizer and scheduler states matter;
+data-parallel ranks. Each crosses an epoch boundary and uses AdamW with a warmup-cosine schedule, so optimizer
+and scheduler states matter;
 `export` of the last checkpoint equals the run's own export. Also: a kill half-way through writing a checkpoint
 leaves the previous one loadable, and the run resumes from it.
 
