@@ -334,6 +334,10 @@ CASES = [
     Case("ckpt_path_missing", "filesystem",
          lambda d, m: fit(d, grpo(m["tiny"], d), "--ckpt_path", str(d / "run" / "checkpoints" / "step=9.ckpt")),
          ("step=9.ckpt", "no such checkpoint file", "last")),
+    Case("checkpoint_keep_last_zero", "config",
+         lambda d, m: fit(d, edit(grpo(m["tiny"], d), trainer__enable_checkpointing=True, trainer__callbacks=[
+             {"class_path": "lightning_rlhf.callbacks.RunCheckpoint", "init_args": {"keep_last": 0}}])),
+         ("keep_last=0", "keep at least 1")),
     Case("export_without_checkpoint", "filesystem",
          lambda d, m: ["-m", "lightning_rlhf", "export", str(d), "--out", str(d / "model")],
          ("holds no complete checkpoint", "step=N.ckpt")),

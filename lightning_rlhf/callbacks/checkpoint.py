@@ -32,7 +32,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from lightning_rlhf.errors import UserError
+from lightning_rlhf.errors import ConfigError, UserError
 
 STEP_FILE = re.compile(r"^step=(\d+)\.ckpt$")
 
@@ -126,13 +126,12 @@ class RunCheckpoint(ModelCheckpoint):
     def __init__(self, every_n_steps: int = 50, keep_last: int = 2, dirpath: str | None = None,
                  save_at_end: bool = True) -> None:
         if keep_last < 1:
-            raise ValueError(f"RunCheckpoint: keep_last={keep_last}; keep at least 1 checkpoint (resume needs one)")
+            raise ConfigError(f"RunCheckpoint: keep_last={keep_last}; keep at least 1 checkpoint (resume needs one)")
         if every_n_steps < 0:
-            raise ValueError(f"RunCheckpoint: every_n_steps={every_n_steps}; use 0 to save only at the end")
+            raise ConfigError(f"RunCheckpoint: every_n_steps={every_n_steps}; use 0 to save only at the end")
         super().__init__(dirpath=dirpath, filename="step={step}", auto_insert_metric_name=False,
                          every_n_train_steps=every_n_steps or None, every_n_epochs=0, save_top_k=-1,
-                         save_last=False,
-                         save_on_train_epoch_end=False, enable_version_counter=False)
+                         save_last=False, save_on_train_epoch_end=False, enable_version_counter=False)
         self.every_n_steps, self.keep_last, self.save_at_end = every_n_steps, keep_last, save_at_end
 
     def setup(self, trainer: Any, pl_module: Any, stage: str) -> None:
