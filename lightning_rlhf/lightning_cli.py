@@ -35,7 +35,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 
 from lightning_rlhf.errors import MissingFileError
-from lightning_rlhf.models.loading import check_writable
+from lightning_rlhf.models.files import check_writable
 
 RUN_FILES = ("metrics.csv", "config.yaml", "hparams.yaml", "summary.json", "samples.jsonl", "checkpoints")
 
@@ -104,14 +104,14 @@ class RLHFCLI(LightningCLI):
         super().__init__(LightningModule, LightningDataModule, *args, **kwargs)
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Callback]) -> Trainer:
+        from lightning_rlhf.algorithms.optim import as_list
         from lightning_rlhf.algorithms.rl_stage import RLStage
         from lightning_rlhf.callbacks import RunSummary, SampleTable
 
         root = config.get("default_root_dir") or os.getcwd()
         config["default_root_dir"] = root
         check_writable(root, "trainer.default_root_dir")  # before a logger tries to create it
-        callbacks, configured = list(callbacks), config.get("callbacks") or []
-        configured = configured if isinstance(configured, (list, tuple)) else [configured]
+        callbacks, configured = list(callbacks), as_list(config.get("callbacks"))
         if config.get("enable_checkpointing", True) is not False:
             add_checkpointing(config, callbacks, configured, root)
         resuming = self.subcommand == "fit" and self._resume_checkpoint(configured + callbacks, root)
@@ -137,8 +137,7 @@ class RLHFCLI(LightningCLI):
         if not ckpt:
             return False
         if ckpt == "last":
-            dirs = [c.dirpath or os.path.join(root, "checkpoints") for c in callbacks if isinstance(c, RunCheckpoint)]
-            return any(step_checkpoints(d) for d in dirs)
+            return any(step_checkpoints(c.directory(root)) for c in callbacks if isinstance(c, RunCheckpoint))
         if ckpt in ("best", "hpc") or "://" in str(ckpt):
             return True
         if not os.path.isfile(ckpt):
@@ -153,11 +152,11 @@ def add_checkpointing(config: dict[str, Any], callbacks: list[Callback], configu
     from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.plugins import CheckpointIO
 
+    from lightning_rlhf.algorithms.optim import as_list
     from lightning_rlhf.callbacks.checkpoint import AtomicCheckpointIO, RunCheckpoint
 
     if not any(isinstance(c, ModelCheckpoint) for c in configured):
         callbacks.append(RunCheckpoint(dirpath=os.path.join(root, "checkpoints")))
-    plugins = config.get("plugins") or []
-    plugins = list(plugins) if isinstance(plugins, (list, tuple)) else [plugins]
+    plugins = as_list(config.get("plugins"))
     if "deepspeed" not in str(config.get("strategy")).lower() and not any(isinstance(p, CheckpointIO) for p in plugins):
         config["plugins"] = plugins + [AtomicCheckpointIO()]

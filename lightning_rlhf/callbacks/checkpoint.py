@@ -159,9 +159,12 @@ class RunCheckpoint(ModelCheckpoint):
         if self.save_at_end and trainer.global_step > 0 and not self._should_skip_saving_checkpoint(trainer):
             self._save_checkpoint(trainer, self.format_checkpoint_name({"step": trainer.global_step}))
 
+    def directory(self, root: str | os.PathLike) -> str:
+        """Where this callback's files go for a run rooted at `root` (its `dirpath`, else `<root>/checkpoints`)."""
+        return self.dirpath or os.path.join(root, "checkpoints")
+
     def _find_last_checkpoints(self, trainer: Any) -> set[str]:
-        directory = self.dirpath or os.path.join(trainer.default_root_dir, "checkpoints")
-        found = step_checkpoints(directory)
+        found = step_checkpoints(self.directory(trainer.default_root_dir))
         return {os.path.normpath(found[-1][1])} if found else set()
 
     def on_load_checkpoint(self, trainer: Any, pl_module: Any, checkpoint: dict[str, Any]) -> None:

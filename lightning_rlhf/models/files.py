@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from lightning_rlhf.errors import NotWritableError
 
+# model files of a previous export that are never carried over into a new one (they would mix with its weights)
 _STALE = re.compile(r"\.(safetensors|bin|pt|gguf)$|\.index\.json$|^adapter_|^config\.json$")
 
 

@@ -332,7 +332,6 @@ def token_values(critic: PreTrainedModel, input_ids: torch.Tensor, attention_mas
 
 
 # ------------------------------------------------------------------------------------ saving
-# model files of a previous export that are never carried over into a new one (they would mix with its weights)
 def save_hf(model: PreTrainedModel, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
     """Write `model` (safetensors) and `tokenizer` to `out_dir` as a Hugging Face directory, atomically
     (`write_dir_atomically`: a failed write keeps the previous directory and raises NotWritableError).
