@@ -61,7 +61,7 @@ def fit(model_dir: Path, out: Path, nan_calls: str, max_steps: int, limit: int =
                        "callbacks": [{"class_path": "lightning_rlhf.callbacks.RunCheckpoint",
                                       "init_args": {"every_n_steps": 1, "keep_last": 2}}]},
            "model": {"class_path": "lightning_rlhf.algorithms.GRPO", "init_args": {
-               "policy": str(model_dir), "output_dir": str(out / "model"), "rewards": {"digit_share": 1.0},
+               "policy": str(model_dir), "output_dir": str(out / "model"), "rewards": {"distinct_share": 1.0},
                "val_on_start": False, "max_skipped_in_a_row": limit, "loss": {"name": "grpo_nan_on_call", "beta": 0.1},
                "rollout": {"num_generations": 4, "max_new_tokens": 8},
                "optimizer": {"class_path": "torch.optim.AdamW", "init_args": {"lr": 1e-3}}}},

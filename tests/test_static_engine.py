@@ -5,6 +5,7 @@ gradients)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -134,15 +135,20 @@ def test_bfloat16_sampling_is_close_to_float32():
     assert 0 < (tf - ro.logprobs)[real].abs().mean() < 0.05  # different, by bf16 rounding only
 
 
-def test_shared_prompt_forward_equals_full_forward_with_gradients(monkeypatch):
-    model = llama()
+@pytest.mark.parametrize("tied", [False, True])
+def test_shared_prompt_forward_equals_full_forward_with_gradients(monkeypatch, tied):
+    model = llama(tie_word_embeddings=tied)  # tied: the embedding's gradient comes from the lm head and the lookup
     torch.manual_seed(3)
     ro = run("static", model, num_generations=4, temperature=1.0)
+    with torch.no_grad():
+        assert teacher_forcing._shared_prompt_logits(model, ro) is not None  # the shared path is the one tested
+    assert (teacher_forcing._tied_embedding(model) is not None) == tied  # tied: its lookup's gradient is sparse
     weights = torch.randn(ro.logprobs.shape)
     full_model = copy.deepcopy(model)
     shared = sequence_logprobs(model, ro)
     (shared * weights).sum().backward()
-    monkeypatch.setattr(teacher_forcing, "_shared_prompt_logits", lambda m, r: None)  # the plain full forward
+    monkeypatch.setattr(teacher_forcing, "_shared_prompt_logits", lambda m, r: None)  # the plain full forward,
+    monkeypatch.setattr(teacher_forcing, "_sparse_tied_lookup", lambda m: contextlib.nullcontext())  # dense lookup
     full = sequence_logprobs(full_model, ro)
     (full * weights).sum().backward()
     torch.testing.assert_close(shared, full, atol=2e-6, rtol=0)

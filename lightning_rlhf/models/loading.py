@@ -45,6 +45,7 @@ from transformers import (
 )
 
 from lightning_rlhf.errors import ConfigError, MissingFileError
+from lightning_rlhf.models.attention import use_gqa_attention
 from lightning_rlhf.models.files import check_writable, write_dir_atomically  # noqa: F401  (re-exported)
 from lightning_rlhf.models.lora import is_adapter_dir, load_adapter_merged, unwrap_peft
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE
@@ -219,7 +220,7 @@ def load_causal_lm(
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and model.config.pad_token_id is not None:
         gen.pad_token_id = model.config.pad_token_id
-    return model
+    return use_gqa_attention(model)
 
 
 def _require_gguf_packages() -> None:
@@ -262,10 +263,10 @@ def _load_with_head(auto_class: Any, name_or_path: str | os.PathLike, dtype: str
     name = require_checkpoint(name_or_path, produced_by)
     _require_files(name, WEIGHT_FILES, "model weights", produced_by)
     config = _head_config(name, produced_by, trust_remote_code, **overrides)
-    return _from_pretrained(
+    return use_gqa_attention(_from_pretrained(
         auto_class, name, produced_by,
         config=config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
-    )  # fmt: skip
+    ))  # fmt: skip
 
 
 def load_reward_model(name_or_path: str | os.PathLike, *, dtype: str | torch.dtype = "float32",

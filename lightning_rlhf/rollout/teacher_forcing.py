@@ -13,6 +13,8 @@ the train/eval mode and grad mode are the caller's (dropout in train mode change
 from __future__ import annotations
 
 import inspect
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
@@ -41,29 +43,62 @@ def _checkpointing(model: torch.nn.Module) -> bool:
 def _shared_prompt_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
     """The logits of `_response_logits`, with each distinct prompt run through the model once.
 
-    Rows that sample from the same prompt (GRPO's groups) share its keys and values: one forward over the
-    distinct prompts with a cache, the cache rows copied to the rows that use them (differentiably, so the
-    gradient reaches the prompt positions from every row), then one forward over the responses. None when
-    every prompt is distinct, the model cannot take a cache (gradient checkpointing) or T < 2.
+    Rows that sample from the same prompt (GRPO's groups) share its keys and values: one pass of the decoder
+    (no lm head) over the distinct prompts but their last token, with a cache; the cache rows copied to the rows
+    that use them (differentiably, so the gradient reaches the prompt positions from every row); then one forward
+    over each row's last prompt token and its response, whose T logits are the ones wanted. So the lm head runs
+    once, over the N x T positions. None when every prompt is distinct, some prompt has fewer than 2 tokens, the
+    model cannot take a cache (gradient checkpointing) or has no `get_decoder()`, or T < 2.
     """
     t, p = ro.response_ids.shape[1], ro.prompt_ids.shape[1]
     params = _forward_params(model)
     cache_arg = "cache" if "cache" in params else "past_key_values"  # transformers 5 renamed it
-    if t < 2 or "logits_to_keep" not in params or cache_arg not in params or _checkpointing(model):
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    if (t < 2 or p < 2 or decoder is None or "logits_to_keep" not in params or cache_arg not in params
+            or _checkpointing(model)):
         return None
     keys = torch.cat([ro.prompt_ids, ro.prompt_mask.long()], dim=1)
     distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    if distinct.shape[0] == len(ro):
+    if distinct.shape[0] == len(ro) or bool((distinct[:, p:-1].sum(1) == 0).any()):
         return None
-    ids, mask = distinct[:, :p], distinct[:, p:]
-    head = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0),
-                 use_cache=True, logits_to_keep=1)
+    ids, mask = distinct[:, : p - 1], distinct[:, p : 2 * p - 1]
+    head = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
     cache = head[cache_arg] if cache_arg in head else head.past_key_values
     cache.reorder_cache(inverse)
-    rest = model(input_ids=ro.response_ids[:, :-1], attention_mask=ro.attention_mask[:, : p + t - 1],
-                 position_ids=ro.position_ids[:, p : p + t - 1], use_cache=True, logits_to_keep=t - 1,
+    inputs = torch.cat([ro.prompt_ids[:, -1:], ro.response_ids[:, :-1]], dim=1)
+    rest = model(input_ids=inputs, attention_mask=ro.attention_mask[:, : p + t - 1],
+                 position_ids=ro.position_ids[:, p - 1 : p + t - 1], use_cache=True, logits_to_keep=t,
                  **{cache_arg: cache})
-    return torch.cat([head.logits[:, -1:][inverse], rest.logits], dim=1)
+    return rest.logits
+
+
+def _tied_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
+    """The input embedding when it shares its weight with the lm head, is trained, and is a plain parameter
+    (not sharded by FSDP or DeepSpeed, whose flat parameters take dense gradients only); else None."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb, head = (get_in() if get_in else None), (get_out() if get_out else None)
+    if not isinstance(emb, torch.nn.Embedding) or head is None or head.weight is not emb.weight:
+        return None
+    w = emb.weight
+    plain = type(w) is torch.nn.Parameter and not hasattr(w, "ds_id") and not getattr(w, "_fsdp_flattened", False)
+    return emb if plain and w.requires_grad and torch.is_grad_enabled() else None
+
+
+@contextmanager
+def _sparse_tied_lookup(model: torch.nn.Module) -> Iterator[None]:
+    """During a forward with gradients, a tied input embedding's lookup gives a sparse gradient (the rows it
+    read) instead of a dense (V, D) one, which autograd adds into the lm head's dense gradient of the same
+    weight: the same sum, without writing a zero-filled vocabulary-sized matrix per backward (a 135M model's
+    embedding is 113 MB in fp32)."""
+    emb = _tied_embedding(model)
+    if emb is None or emb.sparse:
+        yield
+        return
+    emb.sparse = True
+    try:
+        yield
+    finally:
+        emb.sparse = False
 
 
 def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
@@ -117,7 +152,8 @@ def sequence_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
     mask = rollout.response_mask > 0
-    raw = _response_logits(model, rollout)
+    with _sparse_tied_lookup(unwrap_peft(model)):
+        raw = _response_logits(model, rollout)
     if not (entropy_grad or return_logits):  # the lean path: no float32 copy of the logits is kept
         logprobs, entropy = logprobs_and_entropy(raw, rollout.response_ids, temperature, with_entropy=return_entropy)
         logprobs = torch.where(mask, logprobs, 0.0)

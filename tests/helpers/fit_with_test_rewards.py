@@ -1,7 +1,8 @@
-"""`python tests/helpers/fit_with_test_rewards.py fit ...`: the CLI with a test reward registered first.
+"""`python tests/helpers/fit_with_test_rewards.py fit ...`: the CLI with test rewards registered first.
 
 `digit_share` (the share of a completion's characters that are digits) varies on the random text of an
-untrained tiny model, so advantages are not all zero. Run as a script (not `-m`), Lightning's DDP launcher
+untrained tiny model, so advantages are not all zero; `distinct_share` (distinct characters per character)
+varies in almost every group, for tests that need every step to train. Run as a script (not `-m`), Lightning's DDP launcher
 starts the other ranks with this same script, so they register the reward too. `grpo_nan_on_call` is GRPO's
 loss made NaN on chosen calls (the non-finite guard's test); `kill_callbacks` kill a run for the resume tests."""
 
@@ -20,6 +21,12 @@ from lightning_rlhf.rewards import REWARDS  # noqa: E402
 @REWARDS.register("digit_share")
 def digit_share(prompts, completions, **_):
     return [sum(ch.isdigit() for ch in c) / max(1, len(c)) for c in completions]
+
+
+@REWARDS.register("distinct_share")
+def distinct_share(prompts, completions, **_):
+    """Distinct characters per character: differs between almost any two samples, so every group has signal."""
+    return [len(set(c)) / max(1, len(c)) for c in completions]
 
 
 _loss_calls = 0
