@@ -105,6 +105,12 @@ def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
     """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens. A PEFT
     (LoRA) model runs as its base model (adapters applied), whose forward takes logits_to_keep and a cache."""
     model = unwrap_peft(model)
+    with _sparse_tied_lookup(model):
+        return _plain_or_shared_logits(model, rollout)
+
+
+def _plain_or_shared_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
+    """`_response_logits` of an unwrapped model: the shared-prompt forward where it applies, else one forward."""
     shared = _shared_prompt_logits(model, rollout)
     if shared is not None:
         return shared
@@ -152,8 +158,7 @@ def sequence_logprobs(
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature} (use 1.0 for greedy rollouts)")
     mask = rollout.response_mask > 0
-    with _sparse_tied_lookup(unwrap_peft(model)):
-        raw = _response_logits(model, rollout)
+    raw = _response_logits(model, rollout)
     if not (entropy_grad or return_logits):  # the lean path: no float32 copy of the logits is kept
         logprobs, entropy = logprobs_and_entropy(raw, rollout.response_ids, temperature, with_entropy=return_entropy)
         logprobs = torch.where(mask, logprobs, 0.0)
