@@ -101,6 +101,11 @@ def doctor(argv: list[str]) -> dict[str, float]:
     print(f"[lightning_rlhf] {where}; torch {torch.__version__}, {torch.get_num_threads()} threads")
     for name, gflops in speeds.items():
         print(f"  {name:<9} matmul 1024x1024: {gflops:8.1f} GFLOP/s")
+    if a.device == "cpu":
+        from lightning_rlhf.models.cpu_linear import ENV, onednn_pays
+
+        kernel = "oneDNN (faster than torch's default here)" if onednn_pays() else "torch's default"
+        print(f"  float32 linear layers: {kernel}; {ENV}=0 or 1 overrides")
     print(f"  advice: {advice}")
     return speeds
 

@@ -23,6 +23,8 @@ import time
 
 import torch
 
+from lightning_rlhf.models.cpu_linear import onednn_available, onednn_mm
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _DONE: list[bool] = []
 
@@ -56,14 +58,23 @@ def cpu_model() -> str:
 
 
 def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5, device: str = "cpu") -> float:
-    """Measured GFLOP/s of an (n x n) @ (n x n) matmul in `dtype` on `device` (the machine's practical peak)."""
+    """Measured GFLOP/s of an (n x n) @ (n x n) matmul in `dtype` on `device` (the machine's practical peak):
+    on a CPU, the faster of torch's matmul and oneDNN's linear, which the models use for float32 where it is
+    faster (`models/cpu_linear.py`; MKL's float32 matmul ran at half oneDNN's speed on an AMD EPYC)."""
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
-    a @ b
+    best = _gflops(lambda: a @ b, n, seconds, device)
+    if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
+        best = max(best, _gflops(lambda: onednn_mm(a, b), n, seconds, device))
+    return best
+
+
+def _gflops(matmul, n: int, seconds: float, device: str) -> float:
+    matmul()
     _sync(device)
     start, runs = time.perf_counter(), 0
     while time.perf_counter() - start < seconds:
-        a @ b
+        matmul()
         runs += 1
     _sync(device)
     return 2 * n**3 * runs / (time.perf_counter() - start) / 1e9

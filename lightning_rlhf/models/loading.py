@@ -46,6 +46,7 @@ from transformers import (
 
 from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.models.attention import use_gqa_attention
+from lightning_rlhf.models.cpu_linear import use_onednn_linear
 from lightning_rlhf.models.files import check_writable, write_dir_atomically  # noqa: F401  (re-exported)
 from lightning_rlhf.models.lora import is_adapter_dir, load_adapter_merged, unwrap_peft
 from lightning_rlhf.models.tokenizer import CHATML_TEMPLATE
@@ -220,7 +221,13 @@ def load_causal_lm(
     gen = getattr(model, "generation_config", None)
     if gen is not None and gen.pad_token_id is None and model.config.pad_token_id is not None:
         gen.pad_token_id = model.config.pad_token_id
-    return use_gqa_attention(model)
+    return _cpu_fast_paths(model)
+
+
+def _cpu_fast_paths(model: PreTrainedModel) -> PreTrainedModel:
+    """Grouped-query attention without copies (`attention.py`) and oneDNN float32 linears where they are faster
+    (`cpu_linear.py`); both act on a CPU only and leave the weights and saved files as they are."""
+    return use_onednn_linear(use_gqa_attention(model))
 
 
 def _require_gguf_packages() -> None:
@@ -263,7 +270,7 @@ def _load_with_head(auto_class: Any, name_or_path: str | os.PathLike, dtype: str
     name = require_checkpoint(name_or_path, produced_by)
     _require_files(name, WEIGHT_FILES, "model weights", produced_by)
     config = _head_config(name, produced_by, trust_remote_code, **overrides)
-    return use_gqa_attention(_from_pretrained(
+    return _cpu_fast_paths(_from_pretrained(
         auto_class, name, produced_by,
         config=config, dtype=_dtype(dtype), trust_remote_code=trust_remote_code, **kw,
     ))  # fmt: skip

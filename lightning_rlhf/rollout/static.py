@@ -111,7 +111,9 @@ class StaticCacheEngine(RolloutEngine):
                 log.warning("static rollout engine: %s; sampling with the 'hf' engine instead", reason)
             return self.fallback._generate(model, prompt_ids, prompt_mask, params)
         with torch.no_grad():
-            lean = LeanLlama.from_model(model, DTYPES[self.dtype] if self.dtype else None)
+            rows = prompt_ids.shape[0] * params.num_generations
+            lean = LeanLlama.from_model(model, DTYPES[self.dtype] if self.dtype else None,
+                                        rows=min(rows, self.max_batch_size or rows))
             tokens, logprobs = self._by_length(lean, prompt_ids, prompt_mask, params)
         g, eos = params.num_generations, params.eos_ids
         real, truncated = response_mask_from_eos(tokens, eos)

@@ -1,0 +1,150 @@
+"""Linear layers through oneDNN on a CPU, where that is faster than torch's default float32 matmul.
+
+On a CPU, torch sends float32 matmuls to MKL and bfloat16 ones to oneDNN. On the AMD EPYC (Zen 5, AVX-512, 2
+cores) this project was measured on, MKL's float32 GEMM ran at 175-205 GFLOP/s and oneDNN's at 440-470 on the
+same shapes (MKL takes a slower code path on CPUs not made by Intel). Same float32 arithmetic, another
+summation order: results differ from MKL's by float32 rounding (about 1e-6 relative), as two BLAS builds do.
+
+- `onednn_linear(x, weight, bias)`: `F.linear`'s math, with all three GEMMs (the output, the input's gradient,
+  the weight's gradient) done by oneDNN, for float32 CPU tensors outside autocast and with enough work
+  (`MIN_WORK` multiply-adds); anything else goes to `F.linear`.
+- `use_onednn_linear(model)`: turns every `nn.Linear` of a model into `OneDNNLinear` (the same parameters and
+  state dict, the forward above) when `onednn_pays()`, a probe timed once per process, finds oneDNN at least
+  `MARGIN` times faster than `F.linear` here. The loaders call it; on a machine where MKL is as fast, nothing
+  changes.
+- `PackedLinear`: a weight reordered once into oneDNN's blocked layout, for the rollout engine, whose weights do
+  not change during a rollout (decode matmuls of 64 rows read every weight once per token: the reorder that
+  `F.linear` does on each call is most of their cost).
+
+Simplified: the probe times one shape (256 x 576 x 1536, a 135M model's MLP); the work threshold was read off
+one machine's timings (oneDNN lost only below it).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+MIN_WORK = 1 << 21  # rows x in x out below this, F.linear's smaller call overhead wins
+MARGIN = 1.2
+ENV = "LIGHTNING_RLHF_ONEDNN"
+
+
+def onednn_available() -> bool:
+    """True when this torch build has oneDNN's linear op (every x86 CPU build does)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+def onednn_mm(a: Tensor, b: Tensor) -> Tensor:
+    """a (m, k) @ b (n, k)^T by oneDNN; either may be a transposed view."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+def _worth_it(x: Tensor, weight: Tensor) -> bool:
+    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
+        return False
+    if torch.is_autocast_enabled("cpu"):
+        return False  # autocast casts F.linear's inputs to bfloat16, whose matmuls already go to oneDNN
+    return x.numel() * weight.shape[0] >= MIN_WORK
+
+
+class _OneDNNLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        ctx.save_for_backward(x2, weight)
+        ctx.has_bias, ctx.shape = bias is not None, x.shape
+        return torch.ops.mkldnn._linear_pointwise(x2, weight, bias, "none", [], "").view(*x.shape[:-1], -1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x2, weight = ctx.saved_tensors
+        g2 = grad.reshape(-1, grad.shape[-1])
+        gx = onednn_mm(g2, weight.t()).view(ctx.shape) if ctx.needs_input_grad[0] else None
+        gw = onednn_mm(g2.t(), x2.t()) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def onednn_linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`, by oneDNN where that is worth it (see the module docstring)."""
+    if _worth_it(x, weight):
+        return _OneDNNLinearFunction.apply(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+class OneDNNLinear(torch.nn.Linear):
+    """`nn.Linear` whose forward is `onednn_linear`; `use_onednn_linear` switches modules to it in place."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def _seconds(fn, repeats: int = 20) -> float:
+    fn()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+@functools.cache
+def onednn_pays() -> bool:
+    """Whether oneDNN's float32 linear (output and both gradients) is at least MARGIN x faster than
+    F.linear's on this CPU, timed once per process (about 0.1 s). The environment variable
+    LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead of the probe (A/B timings, or a machine where it misjudges)."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1" and onednn_available()
+    if forced:
+        raise ValueError(f"{ENV}={forced!r}: set it to 0 (never use oneDNN's float32 linear), 1 (always) or "
+                         "leave it unset (measure which is faster)")
+    if not onednn_available():
+        return False
+    try:
+        x, w, g = torch.randn(256, 576), torch.randn(1536, 576), torch.randn(256, 1536)
+        ours = _seconds(lambda: (onednn_mm(x, w), onednn_mm(g, w.t()), onednn_mm(g.t(), x.t())))
+        torch_s = _seconds(lambda: (F.linear(x, w), g @ w, g.t() @ x))
+    except RuntimeError:
+        return False
+    return torch_s >= MARGIN * ours
+
+
+def use_onednn_linear(model: torch.nn.Module, force: bool | None = None) -> torch.nn.Module:
+    """Switch every plain `nn.Linear` in `model` to `OneDNNLinear` when `onednn_pays()` (or `force`); the
+    parameters, state dict and outputs on any other device or dtype are unchanged. Returns `model`."""
+    if not (onednn_pays() if force is None else force):
+        return model
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.__class__ = OneDNNLinear
+    return model
+
+
+class PackedLinear:
+    """A projection for sampling: `weight` (out, in) reordered once for oneDNN when the expected work (`rows`
+    x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already) or in float32 where `onednn_pays()`; otherwise it calls F.linear on the weight
+    as given. Call it on (..., in) inputs."""
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
+        self.bias, self.out_features = bias, weight.shape[0]
+        self.packed = self.pays(weight, rows)
+        self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.packed else weight
+
+    @staticmethod
+    def pays(weight: Tensor, rows: int) -> bool:
+        """Whether `PackedLinear(weight, bias, rows)` reorders the weight (see the class docstring)."""
+        return (weight.device.type == "cpu" and rows * weight.numel() >= MIN_WORK and onednn_available()
+                and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and onednn_pays())))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.packed:
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), self.weight, self.bias, "none", [], "")
+        return out.view(*x.shape[:-1], self.out_features)
