@@ -47,6 +47,7 @@ def build(a: argparse.Namespace, bf16: bool) -> GRPO | PPO:
     rollout = {"num_generations": a.num_generations, "max_new_tokens": a.tokens, "min_new_tokens": a.tokens,
                "max_prompt_length": 256, "engine": a.engine, "dtype": "bfloat16" if bf16 else None}
     common = dict(policy=a.model, val_on_start=False, rollout=rollout, ref_dtype=a.ref_dtype,
+                  release_ref_pages=a.release_ref_pages,
                   gradient_checkpointing=a.gradient_checkpointing,
                   optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True))
     if a.algo == "grpo":
@@ -65,6 +66,7 @@ def main() -> None:
     p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
     p.add_argument("--ref-dtype", default=None, help="the reference model's weights dtype (default: the policy's)")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--release-ref-pages", action="store_true", help="drop the reference's weights after each use")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

@@ -190,3 +190,25 @@ def test_old_logprobs_are_recomputed_when_sampling_precision_differs(tiny_model_
     module, logged = run(rollout={"dtype": "bfloat16"})  # bf16 sampling, fp32 training: auto recomputes
     assert module.recompute_old_logprobs() and 1e-5 < logged["train/old_logprob_diff"] < 0.1
     assert logged["train/clip_fraction"] == 0.0  # with the recomputed old log-probs the first ratio is 1
+
+
+def test_releasing_the_references_pages_changes_no_number(tiny_model_dir, tmp_path, monkeypatch):
+    from lightning_rlhf.algorithms import rl_stage
+
+    released = []
+    real = rl_stage.release_file_pages
+    monkeypatch.setattr(rl_stage, "release_file_pages", lambda model: released.append(real(model)) or released[-1])
+
+    def run(**kw):
+        torch.manual_seed(0)
+        module = GRPO(policy=str(tiny_model_dir), rewards={"format": 1.0}, loss={"beta": 0.1}, val_on_start=False,
+                      rollout={"num_generations": 4, "max_new_tokens": 6}, **kw)
+        logged = {}
+        module.log_dict = lambda metrics, **_: logged.update(metrics)
+        _trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=DataLoader(PROMPTS * 2, batch_size=2,
+                                                                                 collate_fn=collate_rows))
+        return logged
+
+    kept, dropped = run(), run(release_ref_pages=True)
+    assert len(released) == 2 and released[0] > 0  # after each step's reference pass, the whole pages released
+    assert dropped["train/kl"] == kept["train/kl"] and dropped["train/loss"] == kept["train/loss"]

@@ -104,9 +104,21 @@ def test_sampling_frequencies_match_the_distribution():
     freq = torch.bincount(tokens, minlength=4).float() / 40000
     torch.testing.assert_close(freq, torch.tensor([0.0, 0.0, 3 / 7, 4 / 7]), atol=0.012, rtol=0)
     # banning eos (token 3) leaves 0.1, 0.2, 0.3 renormalised: 1/6, 2/6, 3/6
-    tokens, _ = sample_tokens(logits, SamplingParams(eos_token_id=3, pad_token_id=0), ban_eos=True)
+    tokens, logp = sample_tokens(logits, SamplingParams(eos_token_id=3, pad_token_id=0), ban_eos=True)
     freq = torch.bincount(tokens, minlength=4).float() / 40000
     torch.testing.assert_close(freq, torch.tensor([1 / 6, 2 / 6, 3 / 6, 0.0]), atol=0.012, rtol=0)
+    torch.testing.assert_close(logp, logits.gather(-1, tokens[:, None])[:, 0])  # of the unbanned distribution
+
+
+def test_banned_eos_holding_all_the_float32_mass_still_gives_another_token():
+    # logits [0, -200, -210]: softmax in float32 puts 1.0 on eos (token 0), exp(-200) underflows to 0, so the
+    # non-eos weights are all 0; the general path renormalises the banned logits: token 1 with e^-200 / (e^-200 +
+    # e^-210) = 1 / (1 + e^-10) = 0.99995; log-probs of the unbanned distribution: -200 and -210
+    logits = torch.tensor([[0.0, -200.0, -210.0]]).expand(2000, 3).contiguous()
+    torch.manual_seed(0)
+    tokens, logp = sample_tokens(logits, SamplingParams(eos_token_id=0, pad_token_id=0), ban_eos=True)
+    assert (tokens != 0).all() and int((tokens == 1).sum()) >= 1990
+    torch.testing.assert_close(logp, torch.where(tokens == 1, -200.0, -210.0))
 
 
 def test_top_p_keeps_the_smallest_set_reaching_p():

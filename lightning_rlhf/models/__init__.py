@@ -10,6 +10,10 @@ Importing the package gives every public name of its modules, so callers write
   helpers that are right for either padding side (`score_sequences`, `token_values`), `save_hf`,
   `require_checkpoint`, `gguf_to_hf`, and `check_writable` / `write_dir_atomically` (output dirs).
 - `lora.py`: LoRA through PEFT (`LoraOptions`, `apply_lora`, the adapters-off reference, merged/adapter export).
+- `attention.py`: "sdpa_gqa", grouped-query attention without key/value copies on a CPU (the loaders switch to it).
+- `cpu_linear.py`: float32 linears through oneDNN where a probe finds it faster (the loaders switch to them),
+  and `PackedLinear`, weights in oneDNN's layout for the rollout engine.
+- `file_pages.py`: `release_file_pages`, a frozen model's file-backed weights dropped between uses.
 - `chat.py`: chat formatting and tokenizing (`chat_prompts`, `encode_prompts`, `encode_completions`,
   `format_conversation`), shared by the stages and the reward-model scorer.
 """

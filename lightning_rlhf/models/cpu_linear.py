@@ -129,19 +129,20 @@ def use_onednn_linear(model: torch.nn.Module, force: bool | None = None) -> torc
 
 class PackedLinear:
     """A projection for sampling: `weight` (out, in) reordered once for oneDNN when the expected work (`rows`
-    x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already) or in float32 where `onednn_pays()`; otherwise it calls F.linear on the weight
-    as given. Call it on (..., in) inputs."""
+    x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already) or in float32 where `onednn_pays()`;
+    otherwise it calls F.linear on the weight as given. Call it on (..., in) inputs."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.bias, self.out_features = bias, weight.shape[0]
-        self.packed = self.pays(weight, rows)
+        self.packed = self.pays(weight, rows * weight.numel())
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.packed else weight
 
     @staticmethod
-    def pays(weight: Tensor, rows: int) -> bool:
-        """Whether `PackedLinear(weight, bias, rows)` reorders the weight (see the class docstring)."""
-        return (weight.device.type == "cpu" and rows * weight.numel() >= MIN_WORK and onednn_available()
-                and (weight.dtype == torch.bfloat16 or (weight.dtype == torch.float32 and onednn_pays())))
+    def pays(like: Tensor, work: int) -> bool:
+        """Whether a weight with `like`'s device and dtype, used for `work` (rows x in x out) multiply-adds per
+        call, is reordered by `PackedLinear` (see the class docstring)."""
+        return (like.device.type == "cpu" and work >= MIN_WORK and onednn_available()
+                and (like.dtype == torch.bfloat16 or (like.dtype == torch.float32 and onednn_pays())))
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.packed:

@@ -2,8 +2,9 @@
 
 `LeanLlama.from_model(model, dtype)` takes the weights of a Hugging Face causal LM, cast to the sampling
 dtype (the parameters themselves, no copy, when the dtype is the model's and oneDNN's weight layout does not
-pay; where it pays, q/k/v and gate/up are stacked into one matmul each, see `_Side`). It reuses the model's own rotary-embedding module (so every RoPE scaling variant the model has is
-honoured) and reproduces its RMSNorm and attention exactly:
+pay; where it pays, q/k/v and gate/up are stacked into one matmul each, see `_Side`). It reuses the model's
+own rotary-embedding module (so every RoPE scaling variant the model has is honoured) and reproduces its
+RMSNorm and attention exactly:
 
     prefill(ids, mask)            one causal pass over left-padded prompts -> last-position logits, and
                                   the keys/values of every layer, to be written into the cache;
@@ -78,11 +79,10 @@ class _Side:
     def __init__(self, dtype: torch.dtype, modules: list[torch.nn.Module], rows: int) -> None:
         parts = [_weights(dtype, m) for m in modules]
         self.sizes = [w.shape[0] for w, _ in parts]
-        stacked = torch.cat([w for w, _ in parts])
-        if PackedLinear.pays(stacked, rows):
+        if PackedLinear.pays(parts[0][0], rows * sum(w.numel() for w, _ in parts)):
             biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]
             bias = None if all(b is None for _, b in parts) else torch.cat(biases)
-            self.linears = [PackedLinear(stacked, bias, rows)]
+            self.linears = [PackedLinear(torch.cat([w for w, _ in parts]), bias, rows)]
         else:
             self.linears = [PackedLinear(w, b, rows) for w, b in parts]
 
@@ -125,8 +125,9 @@ class LeanLlama:
 
     def _layer(self, layer: torch.nn.Module) -> _Layer:
         att, mlp, dt, n = layer.self_attn, layer.mlp, self.dtype, self.rows
-        return _Layer(layer.input_layernorm.weight.detach().to(dt), _Side(dt, [att.q_proj, att.k_proj, att.v_proj], n),
-                      _linear(dt, att.o_proj, n), layer.post_attention_layernorm.weight.detach().to(dt),
+        return _Layer(layer.input_layernorm.weight.detach().to(dt),
+                      _Side(dt, [att.q_proj, att.k_proj, att.v_proj], n), _linear(dt, att.o_proj, n),
+                      layer.post_attention_layernorm.weight.detach().to(dt),
                       _Side(dt, [mlp.gate_proj, mlp.up_proj], n), _linear(dt, mlp.down_proj, n))
 
     # ---- building blocks -------------------------------------------------------------------------

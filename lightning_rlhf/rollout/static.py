@@ -56,20 +56,34 @@ def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | 
     (0, 1]: the uniforms to use (keyed sampling); None draws them from torch's generator.
 
     Sampling inverts the cumulative distribution with one uniform number per row (`torch.multinomial` draws
-    one exponential number per vocabulary entry: a quarter of the decode time of a 135M model on a CPU)."""
-    scaled = logits / (1.0 if p.greedy else p.temperature)
+    one exponential number per vocabulary entry: a quarter of the decode time of a 135M model on a CPU).
+    Without top-k/top-p one softmax gives both the sampling weights (eos zeroed when banned; the inversion
+    needs no normalising) and the log-probs (the log of the chosen tokens' probabilities)."""
+    scaled = logits if p.greedy or p.temperature == 1.0 else logits / p.temperature
+    if not p.greedy and p.top_k == 0 and p.top_p >= 1.0:
+        probs = scaled.softmax(dim=-1)
+        if ban_eos:  # in place: a banned token is never chosen, so the chosen tokens' probabilities stay
+            probs.index_fill_(-1, torch.as_tensor(p.eos_ids, device=probs.device), 0.0)
+        tokens = _invert_cdf(probs, u)
+        chosen = probs.gather(-1, tokens[:, None])[:, 0]
+        if bool((chosen > 0).all()):  # else all mass but eos's underflowed: the general path below renormalises
+            return tokens, chosen.log()
     logp_all = scaled.log_softmax(dim=-1)
     chosen = scaled.masked_fill(_eos_columns(scaled, p), float("-inf")) if ban_eos else scaled
     if p.greedy:
         tokens = chosen.argmax(dim=-1)
     else:
-        filtered = p.top_k > 0 or p.top_p < 1.0 or ban_eos
-        probs = filter_logits(chosen, p.top_k, p.top_p).softmax(dim=-1) if filtered else logp_all.exp()
-        cdf = probs.double().cumsum(dim=-1)
-        if u is None:  # (0, 1]: never a 0-prob token
-            u = 1.0 - torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
-        tokens = torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp(max=cdf.shape[-1] - 1)
+        tokens = _invert_cdf(filter_logits(chosen, p.top_k, p.top_p).softmax(dim=-1), u)
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
+
+
+def _invert_cdf(weights: Tensor, u: Tensor | None) -> Tensor:
+    """One token per row of non-negative `weights` (n, V): the first whose cumulative weight reaches u times
+    the row's total; `u` (n, 1) in (0, 1], drawn here when None (never a zero-weight token)."""
+    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    if u is None:
+        u = 1.0 - torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
+    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp(max=cdf.shape[-1] - 1)
 
 
 def _eos_columns(logits: Tensor, p: SamplingParams) -> Tensor:
