@@ -144,8 +144,8 @@ class RLStage(Stage):
             CPU with native bf16, its forward time, at the cost of reference log-probs ~4e-2 off per token
             (SmolLM2-135M: the k3 KL between identical models reads ~1.5e-3 instead of 0).
         release_ref_pages: after each use, drop the reference's weights from memory when they are pages of its
-            checkpoint file (`models/file_pages.py`): the update, where the peak is, runs without them, and the
-            next step reads them back (SmolLM2-135M fp32: 0.5 GB less at the peak, about 0.2 s more per step).
+            checkpoint file (`models/file_pages.py`): the update runs without them, and the next step reads them
+            back (SmolLM2-135M fp32: 0.5 GB fewer resident in the update; the step's peak fell by 0.1 GB).
         rollout: sampling options.
         advantage: advantage estimator options.
         loss: policy loss options.
