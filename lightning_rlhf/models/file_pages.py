@@ -24,7 +24,6 @@ import ctypes
 import ctypes.util
 import logging
 import os
-import struct
 import sys
 from bisect import bisect_right
 
@@ -32,7 +31,7 @@ import torch
 
 log = logging.getLogger(__name__)
 MADV_DONTNEED = 4
-_PRESENT, _FILE_OR_SHARED = 1 << 63, 1 << 61
+_FILE_BIT = 61  # pagemap entry: bit 63 present, bit 61 a file page (or shared anonymous)
 
 
 def _file_mappings() -> list[tuple[int, int, str]]:
@@ -72,8 +71,9 @@ def _unwritten_file_pages(ranges: list[tuple[int, int]], page: int) -> bool:
             if i < 0 or spans[i][1] < end:
                 return False
             pagemap.seek(start // page * 8)
-            entries = struct.unpack(f"{(end - start) // page}Q", pagemap.read((end - start) // page * 8))
-            if any(e & _PRESENT and not e & _FILE_OR_SHARED for e in entries):
+            entries = torch.frombuffer(bytearray(pagemap.read((end - start) // page * 8)), dtype=torch.int64)
+            present, file_page = entries < 0, ((entries >> _FILE_BIT) & 1) == 1  # bit 63 is int64's sign bit
+            if bool((present & ~file_page).any()):
                 return False
     return True
 
