@@ -13,7 +13,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, SamplingParams, sequence_logprobs
-from lightning_rlhf.rollout import teacher_forcing
+from lightning_rlhf.rollout import static, teacher_forcing
 from lightning_rlhf.rollout.static import filter_logits, sample_tokens
 
 PAD, EOS = 0, 1
@@ -108,6 +108,28 @@ def test_sampling_frequencies_match_the_distribution():
     freq = torch.bincount(tokens, minlength=4).float() / 40000
     torch.testing.assert_close(freq, torch.tensor([1 / 6, 2 / 6, 3 / 6, 0.0]), atol=0.012, rtol=0)
     torch.testing.assert_close(logp, logits.gather(-1, tokens[:, None])[:, 0])  # of the unbanned distribution
+
+
+def test_two_level_cdf_inversion_picks_the_token_of_the_full_cumulative_sum(monkeypatch):
+    # weights [0.1, 0.2, 0, 0.3, 0.4] in blocks of 2: sums .3 / .3 / .4, block cdf .3 / .6 / 1.0
+    monkeypatch.setattr(static, "CDF_BLOCK", 2)
+    w = torch.tensor([[0.1, 0.2, 0.0, 0.3, 0.4]]).expand(3, 5)
+    u = torch.tensor([[0.5], [0.25], [1.0]], dtype=torch.float64)
+    # u .5: block 1 (.6 >= .5), inside .3 + [0, .3] = [.3, .6] -> its 2nd entry, token 3
+    # u .25: block 0 (.3 >= .25), inside [.1, .3] -> token 1 (token 2's weight is 0: never picked)
+    # u 1.0: the last block (a single entry, the other masked to 0): .6 + [.4, .4] -> token 4
+    assert static._invert_cdf(w, u).tolist() == [3, 1, 4]
+    # against the full-length float64 cumulative sum, on vocabularies that do and do not fill the last block
+    torch.manual_seed(0)
+    for v in (7, 8, 301):
+        w = (torch.randn(32, v) * 3).softmax(-1)
+        w[:, ::3] = 0.0
+        for _ in range(20):
+            u = 1.0 - torch.rand(32, 1, dtype=torch.float64)
+            cdf = w.cumsum(-1, dtype=torch.float64)
+            assert torch.equal(static._invert_cdf(w, u), torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0])
+        picked = static._invert_cdf(w, torch.ones(32, 1, dtype=torch.float64))
+        assert (w.gather(-1, picked[:, None]) > 0).all()
 
 
 def test_banned_eos_holding_all_the_float32_mass_still_gives_another_token():

@@ -77,13 +77,33 @@ def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | 
     return tokens, logp_all.gather(-1, tokens[:, None])[:, 0]
 
 
+CDF_BLOCK = 256  # vocabulary entries per block of `_invert_cdf`'s first level
+
+
 def _invert_cdf(weights: Tensor, u: Tensor | None) -> Tensor:
     """One token per row of non-negative `weights` (n, V): the first whose cumulative weight reaches u times
-    the row's total; `u` (n, 1) in (0, 1], drawn here when None (never a zero-weight token)."""
-    cdf = weights.cumsum(dim=-1, dtype=torch.float64)
+    the row's total; `u` (n, 1) in (0, 1], drawn here when None (never a zero-weight token).
+
+    In two levels, in float64: the cumulative sums of blocks of CDF_BLOCK entries pick a block, then the
+    cumulative sum inside that block picks the token. That is the token a full-length cumulative sum would
+    pick (sums that differ by float64 rounding aside) without writing an (n, V) float64 array: 15-17 ms per
+    step for 64 rows of a 49k vocabulary here, against about 1 ms."""
+    n, v = weights.shape
+    full = v - v % CDF_BLOCK
+    sums = weights[:, :full].reshape(n, -1, CDF_BLOCK).sum(-1, dtype=torch.float64)
+    if full < v:
+        sums = torch.cat([sums, weights[:, full:].sum(-1, keepdim=True, dtype=torch.float64)], dim=-1)
+    block_cdf = sums.cumsum(dim=-1)
     if u is None:
-        u = 1.0 - torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device)
-    return torch.searchsorted(cdf, u * cdf[:, -1:])[:, 0].clamp(max=cdf.shape[-1] - 1)
+        u = 1.0 - torch.rand(n, 1, dtype=torch.float64, device=weights.device)
+    target = u.to(torch.float64) * block_cdf[:, -1:]
+    block = torch.searchsorted(block_cdf, target).clamp(max=sums.shape[-1] - 1)  # (n, 1)
+    cols = block * CDF_BLOCK + torch.arange(CDF_BLOCK, device=weights.device)  # (n, CDF_BLOCK)
+    inside = weights.gather(-1, cols.clamp(max=v - 1)).masked_fill(cols >= v, 0.0)
+    cdf = inside.cumsum(dim=-1, dtype=torch.float64) + (block_cdf.gather(-1, block) - sums.gather(-1, block))
+    # rounding may leave the block's last sum a hair below the target: then take its last token of weight > 0
+    pick = torch.searchsorted(cdf, torch.minimum(target, cdf[:, -1:]))
+    return cols.gather(-1, pick.clamp(max=CDF_BLOCK - 1))[:, 0]
 
 
 def _eos_columns(logits: Tensor, p: SamplingParams) -> Tensor:
