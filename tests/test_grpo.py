@@ -10,6 +10,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 
 from lightning_rlhf.algorithms import GRPO
+from lightning_rlhf.models import load_causal_lm
 from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.data import collate_rows
 from lightning_rlhf.rewards.compose import RewardOutput
@@ -192,12 +193,8 @@ def test_old_logprobs_are_recomputed_when_sampling_precision_differs(tiny_model_
     assert logged["train/clip_fraction"] == 0.0  # with the recomputed old log-probs the first ratio is 1
 
 
-def test_releasing_the_references_pages_changes_no_number(tiny_model_dir, tmp_path, monkeypatch):
-    from lightning_rlhf.algorithms import rl_stage
-
-    released = []
-    real = rl_stage.release_file_pages
-    monkeypatch.setattr(rl_stage, "release_file_pages", lambda model: released.append(real(model)) or released[-1])
+def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_path):
+    from lightning_rlhf.algorithms.resume import KEY, fingerprint
 
     def run(**kw):
         torch.manual_seed(0)
@@ -205,10 +202,16 @@ def test_releasing_the_references_pages_changes_no_number(tiny_model_dir, tmp_pa
                       rollout={"num_generations": 4, "max_new_tokens": 6}, **kw)
         logged = {}
         module.log_dict = lambda metrics, **_: logged.update(metrics)
-        _trainer(tmp_path, max_steps=2).fit(module, train_dataloaders=DataLoader(PROMPTS * 2, batch_size=2,
-                                                                                 collate_fn=collate_rows))
-        return logged
+        trainer = _trainer(tmp_path, max_steps=2)
+        trainer.fit(module, train_dataloaders=DataLoader(PROMPTS * 2, batch_size=2, collate_fn=collate_rows))
+        return module, trainer, logged
 
-    kept, dropped = run(), run(release_ref_pages=True)
-    assert len(released) == 2 and released[0] > 0  # after each step's reference pass, the whole pages released
+    _, _, kept = run()
+    module, trainer, dropped = run(release_ref_pages=True)
+    assert all(p.numel() == 0 for p in module.ref.parameters())  # out of memory between steps
     assert dropped["train/kl"] == kept["train/kl"] and dropped["train/loss"] == kept["train/loss"]
+    trainer.save_checkpoint(tmp_path / "released.ckpt")  # records the reference by identity, not as weights
+    saved = torch.load(tmp_path / "released.ckpt", weights_only=False)
+    assert not any(k.startswith("ref.") for k in saved["state_dict"])
+    loaded = load_causal_lm(str(tiny_model_dir))
+    assert saved[KEY]["frozen"]["ref"]["fingerprint"] == fingerprint(loaded.state_dict().values())

@@ -13,7 +13,8 @@ Importing the package gives every public name of its modules, so callers write
 - `attention.py`: "sdpa_gqa", grouped-query attention without key/value copies on a CPU (the loaders switch to it).
 - `cpu_linear.py`: float32 linears through oneDNN where a probe finds it faster (the loaders switch to them),
   and `PackedLinear`, weights in oneDNN's layout for the rollout engine.
-- `file_pages.py`: `release_file_pages`, a frozen model's file-backed weights dropped between uses.
+- `reloadable.py`: `ReloadableWeights`, a frozen model's weights freed between uses and read back from its
+  safetensors checkpoint.
 - `chat.py`: chat formatting and tokenizing (`chat_prompts`, `encode_prompts`, `encode_completions`,
   `format_conversation`), shared by the stages and the reward-model scorer.
 """
