@@ -113,6 +113,7 @@ def test_sampling_frequencies_match_the_distribution():
 def test_two_level_cdf_inversion_picks_the_token_of_the_full_cumulative_sum(monkeypatch):
     # weights [0.1, 0.2, 0, 0.3, 0.4] in blocks of 2: sums .3 / .3 / .4, block cdf .3 / .6 / 1.0
     monkeypatch.setattr(static, "CDF_BLOCK", 2)
+    monkeypatch.setattr(static, "ONE_LEVEL_MAX", 0)  # two levels at every size
     w = torch.tensor([[0.1, 0.2, 0.0, 0.3, 0.4]]).expand(3, 5)
     u = torch.tensor([[0.5], [0.25], [1.0]], dtype=torch.float64)
     # u .5: block 1 (.6 >= .5), inside .3 + [0, .3] = [.3, .6] -> its 2nd entry, token 3
@@ -121,7 +122,8 @@ def test_two_level_cdf_inversion_picks_the_token_of_the_full_cumulative_sum(monk
     assert static._invert_cdf(w, u).tolist() == [3, 1, 4]
     # against the full-length float64 cumulative sum, on vocabularies that do and do not fill the last block
     torch.manual_seed(0)
-    for v in (7, 8, 301):
+    for v, one_level_max in ((7, 0), (8, 0), (301, 0), (301, 2048)):
+        monkeypatch.setattr(static, "ONE_LEVEL_MAX", one_level_max)
         w = (torch.randn(32, v) * 3).softmax(-1)
         w[:, ::3] = 0.0
         for _ in range(20):
