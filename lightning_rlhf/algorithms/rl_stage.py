@@ -146,7 +146,7 @@ class RLStage(Stage):
             (SmolLM2-135M: the k3 KL between identical models reads ~1.5e-3 instead of 0).
         release_ref_pages: after each use, free the reference's weights and read them back from its safetensors
             checkpoint before the next (`models/reloadable.py`): the update runs without them, and the reference
-            reuses memory the update freed (SmolLM2-135M fp32 GRPO: peak RSS 4.10-4.20 -> 3.95 GB).
+            reuses memory the update freed (SmolLM2-135M fp32 GRPO: peak RSS 4.10-4.20 -> 3.82-3.95 GB).
         rollout: sampling options.
         advantage: advantage estimator options.
         loss: policy loss options.

@@ -9,9 +9,9 @@ leave memory after that pass and are read back before the next one (`ReloadableW
 
 Read back into ordinary memory, the reference reuses what the last update freed and the allocator kept
 (`keep_freed_memory`), instead of coming on top of it as the checkpoint's mapped pages do. SmolLM2-135M fp32
-GRPO (benchmarks/RESULTS.md has the commands): peak RSS 4.10-4.20 GB with the weights resident, 3.95 GB with
-them read back; the rest of the peak is the update's own (the policy, its gradients and AdamW states, the
-activations) and what the allocator keeps. Reading 0.5 GB from the page cache costs about 0.1-0.2 s a step.
+GRPO (benchmarks/RESULTS.md has the commands): peak RSS 4.10-4.20 GB with the weights resident, 3.82-3.95 GB
+with them read back; the rest of the peak is the update's own (the policy, its gradients and AdamW states,
+the activations) and what the allocator keeps. Reading 0.5 GB from the page cache costs about 0.1-0.2 s a step.
 
 The first release() reads every weight from the file and compares it with the loaded one. If any differs (the
 weights were changed after loading), is missing from the file (renamed keys, a GGUF or `.bin` checkpoint), or
