@@ -86,3 +86,12 @@ def test_weights_that_differ_from_the_file_or_are_not_in_it_stay(saved_model, tm
                                          num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2))
     assert ReloadableWeights(other, saved_model).release() == 0  # its third layer is not in the file
     assert "'model.layers.2." in caplog.text
+
+
+def test_a_checkpoint_changed_during_the_run_is_an_error_not_a_silent_other_reference(saved_model):
+    model = load_causal_lm(saved_model).eval()
+    weights = ReloadableWeights(model, saved_model)
+    assert weights.release() > 0
+    LlamaForCausalLM(CONFIG).save_pretrained(saved_model)  # another model written over the reference's files
+    with pytest.raises(RuntimeError, match="changed since the reference was loaded"):
+        weights.restore()

@@ -15,7 +15,8 @@ the activations) and what the allocator keeps. Reading 0.5 GB from the page cach
 
 The first release() reads every weight from the file and compares it with the loaded one. If any differs (the
 weights were changed after loading), is missing from the file (renamed keys, a GGUF or `.bin` checkpoint), or
-the model is not on a CPU, nothing is ever released and one warning says why.
+the model is not on a CPU, nothing is ever released and one warning says why. A file that changes after that
+check (another inode, size or modification time) is an error at the next restore(), never read.
 
 Simplified: local directories with `model.safetensors` or a `model.safetensors.index.json` of shards; a weight
 loaded in another dtype than the file's is converted back the same way; buffers stay in memory.
@@ -78,6 +79,11 @@ def _read(entry: _Entry) -> torch.Tensor:
     return out
 
 
+def _stamp(path: Path) -> tuple[int, int, int]:
+    info = path.stat()
+    return info.st_ino, info.st_size, info.st_mtime_ns
+
+
 class ReloadableWeights:
     """A frozen model whose weights can leave memory and come back from its checkpoint; see the module
     docstring. `source`: the local directory the model was loaded from."""
@@ -86,6 +92,7 @@ class ReloadableWeights:
         self.params = dict(model.named_parameters())  # tied weights once, under their first name
         self.source = Path(source)
         self.entries: dict[str, _Entry] | None = None  # set by the first release() that finds them all equal
+        self.stamps: dict[Path, tuple[int, int, int]] = {}  # (inode, size, mtime) of each file when checked
         self.checked = False
         self.released = False
 
@@ -105,6 +112,7 @@ class ReloadableWeights:
             if not torch.equal(_read(entries[name]).to(p.dtype), p.detach()):
                 return f"'{name}' differs from its copy in {self.source} (changed after loading)"
         self.entries = entries
+        self.stamps = {e.path: _stamp(e.path) for e in entries.values()}
         return None
 
     def release(self) -> int:
@@ -132,6 +140,11 @@ class ReloadableWeights:
         """Read every released weight back from the checkpoint (a no-op when they are in memory)."""
         if not self.released:
             return
+        changed = [str(path) for path, stamp in self.stamps.items() if _stamp(path) != stamp]
+        if changed:
+            raise RuntimeError(f"release_ref_pages: {', '.join(changed)} changed since the reference was loaded "
+                               "from it, so its weights cannot be read back; keep the reference's checkpoint "
+                               "unchanged during the run (write outputs elsewhere), or set release_ref_pages: false")
         for name, p in self.params.items():
             p.data = _read(self.entries[name]).to(p.dtype)
         self.released = False
