@@ -125,8 +125,8 @@ class ReloadableWeights:
             if reason is not None:
                 log.warning("release_ref_pages: the reference's weights stay in memory: %s", reason)
             else:
-                size = sum(p.numel() * p.element_size() for p in self.params.values())
-                log.info("release_ref_pages: %.0f MB of the reference's weights leave memory between uses", size / 2**20)
+                mb = sum(p.numel() * p.element_size() for p in self.params.values()) / 2**20
+                log.info("release_ref_pages: %.0f MB of the reference's weights leave memory between uses", mb)
         if self.entries is None or self.released:
             return 0
         freed = 0
