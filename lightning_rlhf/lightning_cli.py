@@ -11,7 +11,8 @@ Checkpoints (`callbacks/checkpoint.py`): unless `trainer.enable_checkpointing` i
 (every 50 steps and at the end, the newest 2 kept, in `<root>/checkpoints`) is added when the config has no
 checkpoint callback, and files are written atomically (`AtomicCheckpointIO`). `fit --ckpt_path last` resumes
 from the newest complete checkpoint there (a fresh start when there is none yet, so it can always be passed);
-a resumed run keeps the run files in place and appends to them instead of archiving them.
+a resumed run keeps the run files in place and appends to them instead of archiving them, and a wandb logger
+logs into the run it continues (`loggers.continue_previous_run`).
 
 Simplifications: only global rank 0 archives; a `RunSummary` callback is added unless the config has one, and
 for the RL stages a `SampleTable` (samples.jsonl every 10 steps) unless the config has one: add your own to
@@ -81,7 +82,7 @@ class ResumedCSVLogger(CSVLogger):
 
 def _with_csv_logger(logger: Any, root: str, resuming: bool = False) -> list[Logger]:
     """Return the configured loggers with a CSVLogger writing `<root>/metrics.csv` first (appending to it when
-    `resuming`)."""
+    `resuming`, when wandb loggers also continue their previous run)."""
     if logger is None or isinstance(logger, bool):
         loggers: list[Logger] = []
     elif isinstance(logger, (list, tuple)):
@@ -89,6 +90,14 @@ def _with_csv_logger(logger: Any, root: str, resuming: bool = False) -> list[Log
     else:
         loggers = [logger]
     loggers = [lg for lg in loggers if not isinstance(lg, CSVLogger)]
+    if resuming:
+        from lightning.pytorch.loggers import WandbLogger
+
+        from lightning_rlhf.loggers import continue_previous_run
+
+        for lg in loggers:
+            if isinstance(lg, WandbLogger):
+                continue_previous_run(lg)
     return [(ResumedCSVLogger if resuming else CSVLogger)(save_dir=root, name="", version="")] + loggers
 
 

@@ -277,6 +277,35 @@ def test_wandb_config_runs_offline_and_keeps_csv(tiny_model_dir, tmp_path, no_wa
     assert len([r for r in rows if r.get("train/loss")]) == 1
 
 
+def test_resumed_fit_logs_into_the_same_wandb_run(tiny_model_dir, tmp_path, no_wandb_credentials):
+    # A 2-step run with a checkpoint every step, then `--ckpt_path last` to step 3: the second wandb run
+    # directory carries the first one's id, so `wandb sync` puts both into one run.
+    root = tmp_path / "run"
+    cfg = tiny_sft_config(tiny_model_dir, root, max_steps=2, val=False)
+    cfg["trainer"]["enable_checkpointing"] = True
+    cfg["trainer"]["callbacks"] = [{"class_path": "lightning_rlhf.callbacks.RunCheckpoint",
+                                    "init_args": {"every_n_steps": 1}}]
+    cfg_path = write_yaml(tmp_path / "sft.yaml", cfg)
+
+    def fit(*more):
+        try:
+            main(["fit", "--config", str(cfg_path), "--config", str(WANDB_YAML), *more])
+        finally:
+            wandb = sys.modules.get("wandb")
+            if wandb is not None and getattr(wandb, "run", None) is not None:
+                wandb.finish()
+
+    fit()
+    first = sorted((root / "wandb").glob("offline-run-*"))
+    assert len(first) == 1
+    run_id = first[0].name.rsplit("-", 1)[1]
+    fit("--ckpt_path", "last", "--trainer.max_steps", "3")
+    ids = [d.name.rsplit("-", 1)[1] for d in sorted((root / "wandb").glob("offline-run-*"))]
+    assert ids == [run_id, run_id] or (len(ids) == 1 and ids[0] == run_id), ids
+    rows = read_csv(root / "metrics.csv")
+    assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1, 2]
+
+
 # 5. make-tiny-model -----------------------------------------------------------------------------------
 
 def test_make_tiny_model_builds_then_keeps(tmp_path, capsys):
