@@ -170,6 +170,8 @@ def sample(argv: list[str]) -> dict:
     p.add_argument("--max-per-prompt", type=int, default=None)
     p.add_argument("--out", help="output JSONL (appended to; `<out>.progress` records finished batches)")
     p.add_argument("--k", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=1, help="sample a prompt that kept nothing again (k more), up to "
+                   "this many rounds in all")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--batch-prompts", type=int, default=16)
@@ -189,19 +191,19 @@ def sample(argv: list[str]) -> dict:
 def _run_sampler(a: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from lightning_rlhf.algorithms.rejection_sampling import KeepRule, SamplingOptions, rejection_sample
+    from lightning_rlhf.algorithms.rejection_sampling import KeepRule, SamplingOptions, rejection_sample, sampled_count
     from lightning_rlhf.data import load_rows
 
     rows = load_rows(a.data, ["prompt"], what="--data").to_list()
     bar = tqdm(total=-(-len(rows) // a.batch_prompts), desc="rejection sampling", unit="batch")
 
     def progress(done: dict, batches: int, k: int) -> None:
-        kept, sampled = sum(d["kept"] for d in done.values()), sum(d["prompts"] for d in done.values()) * k
+        kept, sampled = sum(d["kept"] for d in done.values()), sum(sampled_count(d, k) for d in done.values())
         bar.n = len(done)
         bar.set_postfix(keep_rate=f"{kept / max(1, sampled):.2f}", kept=kept)
 
     summary = rejection_sample(a.policy, rows, a.rewards, a.out, batch_prompts=a.batch_prompts, seed=a.seed,
-                               sampling=SamplingOptions(k=a.k, temperature=a.temperature,
+                               sampling=SamplingOptions(k=a.k, rounds=a.rounds, temperature=a.temperature,
                                                         max_new_tokens=a.max_new_tokens, dtype=a.dtype),
                                keep=KeepRule(min_scores=a.keep, max_per_prompt=a.max_per_prompt),
                                progress=progress, device=a.device)

@@ -261,7 +261,7 @@ def _sampling_figures(path: Path) -> dict:
     progress = [json.loads(line) for line in Path(f"{path}.progress").read_text().splitlines() if line.strip()]
     prompts, kept = sum(p["prompts"] for p in progress), sum(p["kept"] for p in progress)
     k = json.loads(path.read_text().splitlines()[0])["sampling"]["k"] if kept else None
-    sampled = prompts * k if k else None
+    sampled = sum(p.get("sampled", p["prompts"] * k) for p in progress) if k else None  # older files: k each
     return {"prompts": prompts, "sampled": sampled, "kept": kept, "keep_rate": kept / sampled if sampled else 0.0}
 
 

@@ -11,7 +11,8 @@ import time
 
 import pytest
 
-from lightning_rlhf.algorithms.rejection_sampling import KeepRule, _select, rejection_sample
+from lightning_rlhf.algorithms.rejection_sampling import KeepRule, SamplingOptions, _sample_batch, _select, rejection_sample
+from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.rewards import CombinedReward
 
 ROWS = [{"prompt": "12+4=?", "answer": "16"}, {"prompt": "2+3=?", "answer": "5"}]
@@ -33,6 +34,40 @@ def test_keep_rule_thresholds_duplicates_and_cap():
     # "total" >= 1.5 needs both rewards; a cap of one per prompt keeps the first that passes
     kept = _select(ROWS, texts, reward, 3, KeepRule({"total": 1.5}, max_per_prompt=1))
     assert [(p, t) for p, t, *_ in kept] == [(0, texts[0]), (1, texts[4])]
+
+
+class _ScriptedEngine:
+    """Returns the next list of texts for each call (k per prompt asked), and records how many prompts came."""
+
+    def __init__(self, calls):
+        self.calls, self.prompts_seen = list(calls), []
+
+    def generate(self, model, ids, mask, **_):
+        self.prompts_seen.append(ids.shape[0])
+        texts = self.calls.pop(0)
+        assert len(texts) == ids.shape[0] * 2  # k = 2
+        return type("R", (), {"decode": lambda self, tok: texts})()
+
+
+def test_rounds_sample_again_only_the_prompts_that_kept_nothing(tiny_model_dir):
+    tok, reward, rule = load_tokenizer(str(tiny_model_dir)), CombinedReward({"accuracy": 1.0}), KeepRule({"accuracy": 1.0})
+    first = ["<answer>16</answer>", "<answer>15</answer>",   # prompt 0 (12+4): one right -> kept, done
+             "<answer>6</answer>", "<answer>7</answer>"]     # prompt 1 (2+3): none right
+    second = ["<answer>4</answer>", "<answer>5</answer>"]    # round 2, prompt 1 only: its second is right
+    engine = _ScriptedEngine([first, second])
+    kept, sampled = _sample_batch(ROWS, None, tok, engine, reward, SamplingOptions(k=2, rounds=3), rule, "cpu")
+    assert [(p, t) for p, t, *_ in kept] == [(0, first[0]), (1, second[1])]
+    assert engine.prompts_seen == [2, 1] and sampled == 6  # 2 prompts x 2, then 1 prompt x 2; no third round
+    # one round (the default): prompt 1 keeps nothing
+    engine = _ScriptedEngine([first])
+    kept, sampled = _sample_batch(ROWS, None, tok, engine, reward, SamplingOptions(k=2), rule, "cpu")
+    assert [p for p, *_ in kept] == [0] and sampled == 4
+
+
+def test_rounds_below_one_are_refused(tmp_path, tiny_model_dir):
+    with pytest.raises(ValueError, match="sampling rounds=0: it must be at least 1"):
+        rejection_sample(str(tiny_model_dir), ROWS, {"accuracy": 1.0}, tmp_path / "o.jsonl",
+                         sampling=SamplingOptions(rounds=0))
 
 
 def test_unknown_keep_name_is_refused(tmp_path, tiny_model_dir):

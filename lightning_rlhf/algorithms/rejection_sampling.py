@@ -6,10 +6,14 @@ score them with the weighted `rewards`, keep those that pass every threshold in 
 and append them to a JSONL file with provenance: {"prompt", "completion", <the prompt's columns>,
 "scores": {name: score}, "total", "policy", "sampling": {...}, "seed", "prompt_index"}.
 
+With `rounds` > 1, the prompts of a batch that kept nothing are sampled again (k more responses each), up to
+`rounds` times in all. Without it the hardest prompts drop out of the kept set: rejection sampling keeps only
+what the policy already does well under sampling, and an SFT on that set never practises the rest.
+
 Resumable. After a batch's rows are flushed, one line {"batch", "prompts", "kept"} goes to `<out>.progress`.
 A rerun reads it, drops rows of a batch that has no progress line (a kill between the two writes) and a torn
-last line, and goes on with the next batch; batch b samples with seed `seed + b`, so a resumed run writes
-what an uninterrupted one would. Simplified: one process; prompts in dataset order.
+last line, and goes on with the next batch; batch b (all its rounds) samples with seed `seed + b`, so a resumed
+run writes what an uninterrupted one would. Simplified: one process; prompts in dataset order.
 """
 
 from __future__ import annotations
@@ -30,9 +34,11 @@ from lightning_rlhf.rollout import ROLLOUT_ENGINES
 
 @dataclass
 class SamplingOptions:
-    """How responses are drawn: k per prompt at `temperature`, up to `max_new_tokens`."""
+    """How responses are drawn: k per prompt at `temperature`, up to `max_new_tokens`; a prompt that kept none
+    is sampled again, up to `rounds` times in all."""
 
     k: int = 8
+    rounds: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
@@ -111,6 +117,10 @@ def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Pat
     "keep_rate"} over the whole file, batches finished by an earlier run included. `progress(done, batches, k)`
     is called after each batch. `device` "auto" samples on CUDA when it is available."""
     s, rule, out = sampling or SamplingOptions(), keep or KeepRule(), Path(out)
+    for name in ("k", "rounds"):
+        if getattr(s, name) < 1:
+            raise ValueError(f"sampling {name}={getattr(s, name)}: it must be at least 1 (k: responses per prompt "
+                             "and round; rounds: 1 samples each prompt once)")
     out.parent.mkdir(parents=True, exist_ok=True)
     reward = CombinedReward(rewards)
     unknown = [n for n in rule.min_scores if n != "total" and n not in reward.names]
@@ -128,12 +138,7 @@ def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Pat
         if b in done:
             continue
         torch.manual_seed(seed + b)
-        ids, mask = (t.to(device) for t in encode_prompts(tok, [r["prompt"] for r in batch], s.max_prompt_length))
-        with torch.no_grad():
-            ro = engine.generate(model, ids, mask, num_generations=s.k, max_new_tokens=s.max_new_tokens,
-                                 temperature=s.temperature, top_p=s.top_p, eos_token_id=tok.eos_token_id,
-                                 pad_token_id=tok.pad_token_id)
-        kept = _select(batch, ro.decode(tok), reward, s.k, rule)
+        kept, sampled = _sample_batch(batch, model, tok, engine, reward, s, rule, device)
         with out.open("a") as f:
             for p, text, scores, total in kept:
                 row = {**batch[p], "completion": text, "scores": scores, "total": total, **provenance,
@@ -141,12 +146,40 @@ def rejection_sample(policy: str, rows: list[dict], rewards: Any, out: str | Pat
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        done[b] = {"batch": b, "prompts": len(batch), "kept": len(kept)}
+        done[b] = {"batch": b, "prompts": len(batch), "sampled": sampled, "kept": len(kept)}
         with Path(f"{out}.progress").open("a") as f:
             f.write(json.dumps(done[b]) + "\n")
         if progress is not None:
             progress(done, len(batches), s.k)
     prompts = sum(d["prompts"] for d in done.values())
+    sampled_total = sum(sampled_count(d, s.k) for d in done.values())
     kept_total = sum(d["kept"] for d in done.values())
-    return {"prompts": prompts, "sampled": prompts * s.k, "kept": kept_total,
-            "keep_rate": kept_total / max(1, prompts * s.k)}
+    return {"prompts": prompts, "sampled": sampled_total, "kept": kept_total,
+            "keep_rate": kept_total / max(1, sampled_total)}
+
+
+def sampled_count(record: dict, k: int) -> int:
+    """Responses sampled for one progress record (files written before `rounds` existed lack "sampled")."""
+    return record.get("sampled", record["prompts"] * k)
+
+
+def _sample_batch(batch: list[dict], model: Any, tok: Any, engine: Any, reward: Any, s: SamplingOptions,
+                  rule: KeepRule, device: str) -> tuple[list[tuple], int]:
+    """The kept responses of one batch of prompts, in prompt order, after up to `s.rounds` rounds (each round
+    samples k more for the prompts that kept nothing yet); and how many responses were sampled."""
+    kept: list[tuple] = []
+    pending, sampled = list(range(len(batch))), 0
+    for _ in range(s.rounds):
+        rows = [batch[p] for p in pending]
+        ids, mask = (t.to(device) for t in encode_prompts(tok, [r["prompt"] for r in rows], s.max_prompt_length))
+        with torch.no_grad():
+            ro = engine.generate(model, ids, mask, num_generations=s.k, max_new_tokens=s.max_new_tokens,
+                                 temperature=s.temperature, top_p=s.top_p, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id)
+        sampled += len(rows) * s.k
+        kept += [(pending[p], *rest) for p, *rest in _select(rows, ro.decode(tok), reward, s.k, rule)]
+        have = {p for p, *_ in kept}
+        pending = [p for p in pending if p not in have]
+        if not pending:
+            break
+    return sorted(kept, key=lambda item: item[0]), sampled
