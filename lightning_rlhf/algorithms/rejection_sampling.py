@@ -10,10 +10,10 @@ With `rounds` > 1, the prompts of a batch that kept nothing are sampled again (k
 `rounds` times in all. Without it the hardest prompts drop out of the kept set: rejection sampling keeps only
 what the policy already does well under sampling, and an SFT on that set never practises the rest.
 
-Resumable. After a batch's rows are flushed, one line {"batch", "prompts", "kept"} goes to `<out>.progress`.
-A rerun reads it, drops rows of a batch that has no progress line (a kill between the two writes) and a torn
-last line, and goes on with the next batch; batch b (all its rounds) samples with seed `seed + b`, so a resumed
-run writes what an uninterrupted one would. Simplified: one process; prompts in dataset order.
+Resumable. After a batch's rows are flushed, one line {"batch", "prompts", "sampled", "kept"} goes to
+`<out>.progress`. A rerun reads it, drops rows of a batch that has no progress line (a kill between the two
+writes) and a torn last line, and goes on with the next batch; batch b (all its rounds) samples with seed
+`seed + b`, so a resumed run writes what an uninterrupted one would. Simplified: one process; prompts in dataset order.
 """
 
 from __future__ import annotations
