@@ -11,7 +11,9 @@ import time
 
 import pytest
 
-from lightning_rlhf.algorithms.rejection_sampling import KeepRule, SamplingOptions, _sample_batch, _select, rejection_sample
+from lightning_rlhf.algorithms.rejection_sampling import (
+    KeepRule, SamplingOptions, _sample_batch, _select, rejection_sample,
+)
 from lightning_rlhf.models import load_tokenizer
 from lightning_rlhf.rewards import CombinedReward
 
@@ -50,7 +52,8 @@ class _ScriptedEngine:
 
 
 def test_rounds_sample_again_only_the_prompts_that_kept_nothing(tiny_model_dir):
-    tok, reward, rule = load_tokenizer(str(tiny_model_dir)), CombinedReward({"accuracy": 1.0}), KeepRule({"accuracy": 1.0})
+    tok, reward = load_tokenizer(str(tiny_model_dir)), CombinedReward({"accuracy": 1.0})
+    rule = KeepRule({"accuracy": 1.0})
     first = ["<answer>16</answer>", "<answer>15</answer>",   # prompt 0 (12+4): one right -> kept, done
              "<answer>6</answer>", "<answer>7</answer>"]     # prompt 1 (2+3): none right
     second = ["<answer>4</answer>", "<answer>5</answer>"]    # round 2, prompt 1 only: its second is right
