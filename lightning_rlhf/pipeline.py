@@ -258,10 +258,12 @@ def _stage_row(st: dict, record: dict) -> dict:
 
 
 def _sampling_figures(path: Path) -> dict:
+    from lightning_rlhf.algorithms.rejection_sampling import sampled_count
+
     progress = [json.loads(line) for line in Path(f"{path}.progress").read_text().splitlines() if line.strip()]
     prompts, kept = sum(p["prompts"] for p in progress), sum(p["kept"] for p in progress)
     k = json.loads(path.read_text().splitlines()[0])["sampling"]["k"] if kept else None
-    sampled = sum(p.get("sampled", p["prompts"] * k) for p in progress) if k else None  # older files: k each
+    sampled = sum(sampled_count(p, k) for p in progress) if k else None
     return {"prompts": prompts, "sampled": sampled, "kept": kept, "keep_rate": kept / sampled if sampled else 0.0}
 
 

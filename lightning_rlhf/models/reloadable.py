@@ -70,13 +70,19 @@ def safetensors_entries(directory: str | Path) -> dict[str, _Entry]:
     return entries
 
 
-def _read(entry: _Entry) -> torch.Tensor:
-    """One tensor from its file into newly allocated memory (a plain read: no mapping of the file)."""
-    out = torch.empty(entry.shape, dtype=entry.dtype)
-    with open(entry.path, "rb") as f:
-        f.seek(entry.start)
-        f.readinto(out.reshape(-1).view(torch.uint8).numpy())
-    return out
+def _read_all(entries: dict[str, _Entry]) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) for each entry, read into newly allocated memory with plain reads (no mapping of the
+    file): each file opened once, its tensors read in file order."""
+    by_file: dict[Path, list[tuple[str, _Entry]]] = {}
+    for name, entry in entries.items():
+        by_file.setdefault(entry.path, []).append((name, entry))
+    for path, items in by_file.items():
+        with open(path, "rb") as f:
+            for name, entry in sorted(items, key=lambda item: item[1].start):
+                out = torch.empty(entry.shape, dtype=entry.dtype)
+                f.seek(entry.start)
+                f.readinto(out.reshape(-1).view(torch.uint8).numpy())
+                yield name, out
 
 
 def _stamp(path: Path) -> tuple[int, int, int]:
@@ -108,8 +114,8 @@ class ReloadableWeights:
             entry = entries.get(name)
             if entry is None or entry.shape != tuple(p.shape):
                 return f"'{name}' is not in {self.source}'s safetensors files with shape {tuple(p.shape)}"
-        for name, p in self.params.items():
-            if not torch.equal(_read(entries[name]).to(p.dtype), p.detach()):
+        for name, stored in _read_all({name: entries[name] for name in self.params}):
+            if not torch.equal(stored.to(self.params[name].dtype), self.params[name].detach()):
                 return f"'{name}' differs from its copy in {self.source} (changed after loading)"
         self.entries = entries
         self.stamps = {e.path: _stamp(e.path) for e in entries.values()}
@@ -145,8 +151,8 @@ class ReloadableWeights:
             raise RuntimeError(f"release_ref_pages: {', '.join(changed)} changed since the reference was loaded "
                                "from it, so its weights cannot be read back; keep the reference's checkpoint "
                                "unchanged during the run (write outputs elsewhere), or set release_ref_pages: false")
-        for name, p in self.params.items():
-            p.data = _read(self.entries[name]).to(p.dtype)
+        for name, stored in _read_all({name: self.entries[name] for name in self.params}):
+            self.params[name].data = stored.to(self.params[name].dtype)
         self.released = False
 
     @contextlib.contextmanager
