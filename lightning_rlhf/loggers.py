@@ -41,12 +41,11 @@ class WandbLogger(_WandbLogger):
 
 def previous_run_id(save_dir: str | os.PathLike) -> str | None:
     """The id of the last wandb run written under `save_dir`: wandb links `wandb/latest-run` to its directory,
-    named `run-<time>-<id>` or `offline-run-<time>-<id>`. None when there is none."""
+    which holds `run-<id>.wandb` (the directory's own name may carry a `-1` suffix when two runs start within
+    one second). None when there is none."""
     link = Path(save_dir) / "wandb" / "latest-run"
-    if not link.exists():
-        return None
-    name = link.resolve().name
-    return name.rsplit("-", 1)[1] if name.startswith(("run-", "offline-run-")) and name.count("-") >= 2 else None
+    files = sorted(link.glob("run-*.wandb")) if link.is_dir() else []
+    return files[0].name[len("run-"):-len(".wandb")] if files else None
 
 
 def continue_previous_run(logger: _WandbLogger) -> str | None:

@@ -295,15 +295,30 @@ def test_resumed_fit_logs_into_the_same_wandb_run(tiny_model_dir, tmp_path, no_w
             if wandb is not None and getattr(wandb, "run", None) is not None:
                 wandb.finish()
 
+    def run_ids():  # each run directory holds run-<id>.wandb (its name may end in -1 within one second)
+        return [f.name[4:-6] for f in sorted((root / "wandb").glob("offline-run-*/run-*.wandb"))]
+
     fit()
-    first = sorted((root / "wandb").glob("offline-run-*"))
+    first = run_ids()
     assert len(first) == 1
-    run_id = first[0].name.rsplit("-", 1)[1]
+    run_id = first[0]
     fit("--ckpt_path", "last", "--trainer.max_steps", "3")
-    ids = [d.name.rsplit("-", 1)[1] for d in sorted((root / "wandb").glob("offline-run-*"))]
+    ids = run_ids()
     assert ids == [run_id, run_id] or (len(ids) == 1 and ids[0] == run_id), ids
     rows = read_csv(root / "metrics.csv")
     assert [int(r["step"]) for r in rows if r.get("train/loss")] == [0, 1, 2]
+
+
+def test_previous_wandb_run_id_comes_from_the_run_file(tmp_path):
+    from lightning_rlhf.loggers import previous_run_id
+
+    assert previous_run_id(tmp_path) is None  # no wandb dir yet
+    runs = tmp_path / "wandb"
+    for name in ("offline-run-20261128_024715-ab12cd34", "offline-run-20261128_024715-ab12cd34-1"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "run-ab12cd34.wandb").write_bytes(b"")
+    (runs / "latest-run").symlink_to("offline-run-20261128_024715-ab12cd34-1")  # a same-second resume: "-1"
+    assert previous_run_id(tmp_path) == "ab12cd34"
 
 
 # 5. make-tiny-model -----------------------------------------------------------------------------------
