@@ -54,8 +54,8 @@ def layer_step(lean: LeanLlama, layer, x, cos, sin, kc, vc, column: Tensor, bias
     q, k, v = lean._qkv(layer, lean._rms(x, layer.ln1), cos, sin)
     kc.index_copy_(3, column, k.transpose(2, 3))
     vc.index_copy_(2, column, v)
-    scores = torch.matmul(q.reshape(n, lean.kv_heads, rep, hd), kc).float() * hd**-0.5
-    out = torch.matmul((scores + bias).softmax(dim=-1).to(vc.dtype), vc)
+    scores = torch.matmul(q.reshape(n, lean.kv_heads, rep, hd), kc)  # q comes pre-scaled (`LeanLlama.rope`)
+    out = torch.matmul((scores + bias).softmax(dim=-1, dtype=torch.float32).to(vc.dtype), vc)
     return lean._mlp_block(layer, x + layer.o(out.reshape(n, 1, -1)))
 
 

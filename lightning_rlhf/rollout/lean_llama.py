@@ -142,12 +142,16 @@ class LeanLlama:
         return weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
     def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, signed sin (n, 1, s, head_dim) for positions (n, s), from the model's own rotary module. The
-        signed sin has its first half negated, so that rotating is `x * cos + x.roll(half) * sin` (`_rotate`)."""
+        """cos, signed sin (n, heads + kv_heads, s, head_dim) for positions (n, s), from the model's own rotary
+        module. The signed sin has its first half negated, so that rotating is `x * cos + x.roll(half) * sin`
+        (`_rotate`); the query heads' rows are times the attention scale 1/sqrt(head_dim), so a rotated query
+        times a key is the scaled score (exact in any dtype when head_dim is a power of 4, e.g. 64)."""
         cos, sin = self.rotary(self.embed[:1], positions)
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return cos.to(self.dtype)[:, None], sin.to(self.dtype)[:, None]
+        scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=cos.device)
+        scale[:self.heads] = self.head_dim**-0.5
+        return (cos[:, None] * scale).to(self.dtype), (sin[:, None] * scale).to(self.dtype)
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -184,7 +188,7 @@ class LeanLlama:
         x, kvs = F.embedding(ids, self.embed), []
         for layer in self.layers:
             q, k, v = self._qkv(layer, self._rms(x, layer.ln1), cos, sin)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True, scale=1.0)
             x = x + layer.o(out.transpose(1, 2).reshape(*x.shape[:2], -1))
             x = self._mlp_block(layer, x)
             kvs.append((k, v))
@@ -205,8 +209,9 @@ class LeanLlama:
             q, k, v = self._qkv(layer, self._rms(x, layer.ln1), cos, sin)
             kc[:, :, :, column] = k[:, :, 0]
             vc[:, :, column] = v[:, :, 0]
-            scores = torch.matmul(q.reshape(n, self.kv_heads, rep, hd), kc[..., :width]).float() * hd**-0.5
-            weights = (scores if bias is None else scores + bias).softmax(dim=-1).to(vc.dtype)
+            scores = torch.matmul(q.reshape(n, self.kv_heads, rep, hd), kc[..., :width])  # q is pre-scaled
+            scores = scores if bias is None else scores + bias  # bias is float32: so is the sum
+            weights = scores.softmax(dim=-1, dtype=torch.float32).to(vc.dtype)
             out = torch.matmul(weights, vc[:, :, :width])
             x = x + layer.o(out.reshape(n, 1, -1))
             x = self._mlp_block(layer, x)
