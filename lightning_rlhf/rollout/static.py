@@ -14,9 +14,9 @@ Other architectures fall back to the "hf" engine, with one message saying why.
 
 Simplified: the Python loop issues a fixed set of kernels per token and layer (no CUDA graphs, no
 torch.compile: on CPU one compiled layer saved 9-13% of a decode step, `benchmarks/decode_compile.py`, for a
-compile per process and per batch size, and compiled for dynamic shapes it saved nothing); sampling inverts the CDF of the filtered distribution with torch's
-generator, so a seed gives the same tokens run to run, not HF's tokens; with `prompt_keys` (keyed sampling,
-`keyed.py`) the uniforms come from each row's key instead.
+compile per process and per batch size, and compiled for dynamic shapes it saved nothing); sampling inverts
+the CDF of the filtered distribution with torch's generator, so a seed gives the same tokens run to run, not
+HF's tokens; with `prompt_keys` (keyed sampling, `keyed.py`) the uniforms come from each row's key instead.
 """
 
 from __future__ import annotations
