@@ -53,7 +53,8 @@ def build(a: argparse.Namespace, bf16: bool) -> GRPO | PPO:
     if a.algo == "grpo":
         return GRPO(rewards={"digit_share": 1.0}, loss={"beta": a.beta},
                     optim={"epochs": 1, "micro_batch_size": a.micro_batch_size}, **common)
-    return PPO(rewards=[{"name": "reward_model", "path": a.reward_model}], loss={"beta": a.beta, "kl_kind": "k1"},
+    scorer = {"name": "reward_model", "path": a.reward_model, "release_weights": a.release_ref_pages}
+    return PPO(rewards=[scorer], loss={"beta": a.beta, "kl_kind": "k1"},
                optim={"epochs": a.ppo_epochs, "micro_batch_size": a.micro_batch_size}, critic={"init": "reward_model"},
                critic_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True),
                **common)
@@ -66,7 +67,8 @@ def main() -> None:
     p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
     p.add_argument("--ref-dtype", default=None, help="the reference model's weights dtype (default: the policy's)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--release-ref-pages", action="store_true", help="drop the reference's weights after each use")
+    p.add_argument("--release-ref-pages", action="store_true",
+                   help="drop the reference's weights after each use (PPO: the reward model's too)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

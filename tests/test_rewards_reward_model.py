@@ -76,6 +76,19 @@ def test_lazy_load_and_to(rm_dir):
     assert next(scorer.model.parameters()).device.type == "cpu"
 
 
+def test_release_weights_frees_them_between_calls_and_scores_the_same(rm_dir):
+    prompts, completions = ["what is 12 + 4 ?"] * 3, [" 16", " so it is 16 !", " sixteen"]
+    resident = RewardModelScorer(str(rm_dir))
+    released = RewardModelScorer(str(rm_dir), release_weights=True)
+    expected = resident(prompts, completions)
+    assert released(prompts, completions) == expected  # the weights read back are the file's: same numbers
+    # between calls every weight is an empty tensor (its memory freed); the next call reads them back
+    assert all(p.numel() == 0 for p in released.model.parameters())
+    assert released(prompts[:1], completions[:1]) == expected[:1]
+    assert all(p.numel() == 0 for p in released.model.parameters())
+    assert all(p.numel() > 0 for p in resident.model.parameters())  # without the option nothing is freed
+
+
 def test_chat_template_is_used(tmp_path):
     _save_tiny_rm(tmp_path, "left", TEMPLATE)
     scorer = RewardModelScorer(str(tmp_path)).load()

@@ -1,7 +1,8 @@
 """Keep a frozen model's weights out of memory between uses, reading them back from its checkpoint file.
 
 An RL stage's reference runs once per step, before the update. With `release_ref_pages: true` its weights
-leave memory after that pass and are read back before the next one (`ReloadableWeights(model, source)`):
+leave memory after that pass and are read back before the next one (`ReloadableWeights(model, source)`); a
+reward model's do the same with its `release_weights: true` (`rewards/reward_model.py`):
 
     release()    every weight's storage is freed; the parameters stay, as empty tensors
     restore()    each weight is read from the safetensors file(s) into newly allocated memory
@@ -94,9 +95,11 @@ class ReloadableWeights:
     """A frozen model whose weights can leave memory and come back from its checkpoint; see the module
     docstring. `source`: the local directory the model was loaded from."""
 
-    def __init__(self, model: torch.nn.Module, source: str | Path) -> None:
+    def __init__(self, model: torch.nn.Module, source: str | Path, what: str = "the reference",
+                 option: str = "release_ref_pages") -> None:
         self.params = dict(model.named_parameters())  # tied weights once, under their first name
         self.source = Path(source)
+        self.what, self.option = what, option  # for messages: whose weights, and the option that asked for it
         self.entries: dict[str, _Entry] | None = None  # set by the first release() that finds them all equal
         self.stamps: dict[Path, tuple[int, int, int]] = {}  # (inode, size, mtime) of each file when checked
         self.checked = False
@@ -129,10 +132,10 @@ class ReloadableWeights:
             with torch.no_grad():
                 reason = self._check()
             if reason is not None:
-                log.warning("release_ref_pages: the reference's weights stay in memory: %s", reason)
+                log.warning("%s: %s's weights stay in memory: %s", self.option, self.what, reason)
             else:
                 mb = sum(p.numel() * p.element_size() for p in self.params.values()) / 2**20
-                log.info("release_ref_pages: %.0f MB of the reference's weights leave memory between uses", mb)
+                log.info("%s: %.0f MB of %s's weights leave memory between uses", self.option, mb, self.what)
         if self.entries is None or self.released:
             return 0
         freed = 0
@@ -148,9 +151,9 @@ class ReloadableWeights:
             return
         changed = [str(path) for path, stamp in self.stamps.items() if _stamp(path) != stamp]
         if changed:
-            raise RuntimeError(f"release_ref_pages: {', '.join(changed)} changed since the reference was loaded "
-                               "from it, so its weights cannot be read back; keep the reference's checkpoint "
-                               "unchanged during the run (write outputs elsewhere), or set release_ref_pages: false")
+            raise RuntimeError(f"{self.option}: {', '.join(changed)} changed since {self.what} was loaded from "
+                               f"it, so its weights cannot be read back; keep that checkpoint unchanged during the "
+                               f"run (write outputs elsewhere), or set {self.option}: false")
         for name, stored in _read_all({name: self.entries[name] for name in self.params}):
             self.params[name].data = stored.to(self.params[name].dtype)
         self.released = False

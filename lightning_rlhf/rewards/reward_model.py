@@ -11,16 +11,25 @@ not depend on the padding side or on what else is in the batch.
 Simplifications: decoder models with a `score` head (Llama, Qwen, Mistral...) are scored per token and
 gathered by us; other heads (e.g. BERT's pooled classifier) use the model's own pooled logits. Texts
 longer than `max_length` tokens keep their end (the completion), truncating from the left.
+
+`release_weights: true` frees the model's weights after each call and reads them back from its safetensors
+file before the next (`models/reloadable.py`, as the RL stages' `release_ref_pages` does for the reference):
+the scores are the same, the weights are out of memory during the update.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+from typing import TYPE_CHECKING
 
 import torch
 
 from lightning_rlhf.errors import ConfigError, MissingFileError
 from lightning_rlhf.rewards.registry import REWARDS
+
+if TYPE_CHECKING:
+    from lightning_rlhf.models.reloadable import ReloadableWeights
 
 RECIPE_HINT = "train one with `python -m lightning_rlhf fit --config recipes/reward_model/tiny_arithmetic.yaml`"
 
@@ -30,7 +39,7 @@ class RewardModelScorer:
     """Reward = the reward model's scalar score of (prompt, completion)."""
 
     def __init__(self, path: str, batch_size: int = 16, max_length: int = 1024, device: str | None = None,
-                 apply_chat_template: bool = True):
+                 apply_chat_template: bool = True, release_weights: bool = False):
         if batch_size < 1 or max_length < 2:
             raise ConfigError(f"reward_model: batch_size ({batch_size}) must be >= 1 and max_length ({max_length}) "
                               ">= 2")
@@ -40,6 +49,8 @@ class RewardModelScorer:
         self.max_length = max_length
         self.device = torch.device(device) if device else None
         self.apply_chat_template = apply_chat_template
+        self.release_weights = release_weights
+        self._weights: ReloadableWeights | None = None
         self.model = None
         self.tokenizer = None
 
@@ -68,6 +79,11 @@ class RewardModelScorer:
             model.config.pad_token_id = tokenizer.pad_token_id
         model.eval().requires_grad_(False)
         self.model, self.tokenizer = model.to(self.device or "cpu"), tokenizer
+        if self.release_weights:
+            from lightning_rlhf.models.reloadable import ReloadableWeights
+
+            self._weights = ReloadableWeights(model, path, what=f"the reward model '{self.path}'",
+                                              option="release_weights")
         return self
 
     def _require_path(self) -> str:
@@ -102,8 +118,9 @@ class RewardModelScorer:
         self.load()
         texts = [self.format_text(p, c) for p, c in zip(prompts, completions)]
         scores: list[float] = []
-        for i in range(0, len(texts), self.batch_size):
-            scores.extend(self._score_batch(texts[i : i + self.batch_size]))
+        with self._weights.resident() if self._weights is not None else contextlib.nullcontext():
+            for i in range(0, len(texts), self.batch_size):
+                scores.extend(self._score_batch(texts[i : i + self.batch_size]))
         return scores
 
     @torch.no_grad()
