@@ -89,6 +89,18 @@ def test_release_weights_frees_them_between_calls_and_scores_the_same(rm_dir):
     assert all(p.numel() > 0 for p in resident.model.parameters())  # without the option nothing is freed
 
 
+def test_a_released_reward_model_whose_file_changed_stops_the_run(tmp_path):
+    # Scored 0 with a warning (how a failing reward is treated) would hide it: it is a user error that stops.
+    from lightning_rlhf.models.reloadable import CheckpointChanged
+
+    _save_tiny_rm(tmp_path, "left")
+    reward = CombinedReward([{"name": "reward_model", "path": str(tmp_path), "release_weights": True}])
+    reward(["what is 12 + 4 ?"], [" 16"])
+    _save_tiny_rm(tmp_path, "left")  # the checkpoint rewritten during the run
+    with pytest.raises(CheckpointChanged, match="release_weights: .* changed since the reward model"):
+        reward(["what is 12 + 4 ?"], [" 16"])
+
+
 def test_chat_template_is_used(tmp_path):
     _save_tiny_rm(tmp_path, "left", TEMPLATE)
     scorer = RewardModelScorer(str(tmp_path)).load()

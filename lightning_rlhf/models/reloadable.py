@@ -35,6 +35,8 @@ from pathlib import Path
 
 import torch
 
+from lightning_rlhf.errors import UserError
+
 log = logging.getLogger(__name__)
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -91,6 +93,11 @@ def _stamp(path: Path) -> tuple[int, int, int]:
     return info.st_ino, info.st_size, info.st_mtime_ns
 
 
+class CheckpointChanged(UserError, RuntimeError):
+    """A released model's checkpoint file changed during the run: its weights cannot be read back. A user error,
+    so it stops the run (a reward model's scorer would otherwise have its failures scored 0)."""
+
+
 class ReloadableWeights:
     """A frozen model whose weights can leave memory and come back from its checkpoint; see the module
     docstring. `source`: the local directory the model was loaded from."""
@@ -132,10 +139,10 @@ class ReloadableWeights:
             with torch.no_grad():
                 reason = self._check()
             if reason is not None:
-                log.warning("%s: %s's weights stay in memory: %s", self.option, self.what, reason)
+                log.warning("%s: the weights of %s stay in memory: %s", self.option, self.what, reason)
             else:
                 mb = sum(p.numel() * p.element_size() for p in self.params.values()) / 2**20
-                log.info("%s: %.0f MB of %s's weights leave memory between uses", self.option, mb, self.what)
+                log.info("%s: %.0f MB of weights of %s leave memory between uses", self.option, mb, self.what)
         if self.entries is None or self.released:
             return 0
         freed = 0
@@ -151,7 +158,7 @@ class ReloadableWeights:
             return
         changed = [str(path) for path, stamp in self.stamps.items() if _stamp(path) != stamp]
         if changed:
-            raise RuntimeError(f"{self.option}: {', '.join(changed)} changed since {self.what} was loaded from "
+            raise CheckpointChanged(f"{self.option}: {', '.join(changed)} changed since {self.what} was loaded from "
                                f"it, so its weights cannot be read back; keep that checkpoint unchanged during the "
                                f"run (write outputs elsewhere), or set {self.option}: false")
         for name, stored in _read_all({name: self.entries[name] for name in self.params}):
