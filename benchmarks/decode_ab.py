@@ -4,10 +4,10 @@
                                    [--dtype bfloat16] [--repeats 3]
 
 Loads `lean_llama.py` as it is in the working tree and as it was at git revision `--base`, builds both from
-the same model, prefills the same prompts (8 samples per prompt, 48 tokens, one prompt left-padded), and
-times 63 decode steps, alternating one step of each version. Alternating step by step is the point: this
-machine's speed drifts by 10% or more within minutes, which swamps a few percent when the two versions run one
-after the other. Prints the mean ms per step of each, their ratio, and the largest logit difference between
+the same model (a missing `--model` directory: a random-init model of SmolLM2's shape), prefills the same
+prompts (8 samples per prompt, 48 tokens, one prompt left-padded), and times 63 decode steps, alternating one
+step of each version. Alternating step by step is the point: this machine's speed drifts by 10% or more
+within minutes, which swamps a few percent when the two versions run one after the other. Prints the mean ms per step of each, their ratio, and the largest logit difference between
 them after the first and the eleventh step.
 """
 
@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from benchmarks.rollout import SMOLLM2, load  # noqa: E402
 from lightning_rlhf.algorithms.runtime import cpu_model, keep_freed_memory  # noqa: E402
 from lightning_rlhf.rollout import lean_llama as current  # noqa: E402
 
@@ -53,7 +53,7 @@ def main() -> None:
     a = ap.parse_args()
     keep_freed_memory()
     base = module_at(a.base)
-    model = AutoModelForCausalLM.from_pretrained(a.model, dtype=torch.float32).eval()
+    what, model = load(a.model, SMOLLM2)  # a missing directory: a random-init model of SmolLM2's shape
     dtype, vocab, g, prompt = getattr(torch, a.dtype), model.config.vocab_size, 8, 48
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab - 1, (max(1, a.rows // g), prompt), generator=gen)
@@ -80,7 +80,7 @@ def main() -> None:
                     diff = (logits["base"] - logits["current"]).abs().max().item()
                     print(f"step {i + 1}: max |logit difference| {diff:.3g}")
     mean = {name: 1000 * sum(t) / len(t) for name, t in times.items()}
-    print(f"{a.model}, {a.dtype}, {rows} rows; {cpu_model()}; base {a.base}")
+    print(f"{what}, {a.dtype}, {rows} rows; {cpu_model()}; base {a.base}")
     print(f"  base {mean['base']:.3f} ms/step, current {mean['current']:.3f} ms/step, "
           f"base / current {mean['base'] / mean['current']:.3f}")
 

@@ -158,9 +158,9 @@ class ReloadableWeights:
             return
         changed = [str(path) for path, stamp in self.stamps.items() if _stamp(path) != stamp]
         if changed:
-            raise CheckpointChanged(f"{self.option}: {', '.join(changed)} changed since {self.what} was loaded from "
-                               f"it, so its weights cannot be read back; keep that checkpoint unchanged during the "
-                               f"run (write outputs elsewhere), or set {self.option}: false")
+            raise CheckpointChanged(f"{self.option}: {', '.join(changed)} changed since {self.what} was loaded "
+                                    f"from it, so its weights cannot be read back; keep that checkpoint unchanged "
+                                    f"during the run (write outputs elsewhere), or set {self.option}: false")
         for name, stored in _read_all({name: self.entries[name] for name in self.params}):
             self.params[name].data = stored.to(self.params[name].dtype)
         self.released = False

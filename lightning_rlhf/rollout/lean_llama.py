@@ -116,6 +116,9 @@ class LeanLlama:
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.rotary = base.rotary_emb
+        # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
+        self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=base.embed_tokens.weight.device)
+        self.qk_scale[:self.heads] = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight.detach().to(dtype)
         self.norm = base.norm.weight.detach().to(dtype)
         self.lm_head = _linear(dtype, model.get_output_embeddings(), rows)
@@ -149,9 +152,7 @@ class LeanLlama:
         cos, sin = self.rotary(self.embed[:1], positions)
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=cos.device)
-        scale[:self.heads] = self.head_dim**-0.5
-        return (cos[:, None] * scale).to(self.dtype), (sin[:, None] * scale).to(self.dtype)
+        return (cos[:, None] * self.qk_scale).to(self.dtype), (sin[:, None] * self.qk_scale).to(self.dtype)
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
