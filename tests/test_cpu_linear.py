@@ -13,6 +13,7 @@ from lightning_rlhf.models.cpu_linear import (
     onednn_available,
     onednn_linear,
     onednn_pays,
+    packing_pays,
     use_onednn_linear,
 )
 
@@ -113,7 +114,9 @@ def test_the_environment_variable_decides_and_a_bad_value_is_named(monkeypatch):
 @needs_onednn
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_packed_weights_give_f_linear_outputs(monkeypatch, dtype):
-    monkeypatch.setattr(cpu_linear, "onednn_pays", lambda: True)
+    if not onednn_available(dtype):
+        pytest.skip(f"oneDNN has no {dtype} linear on this CPU (needs AVX-512 or AVX-NE-CONVERT)")
+    monkeypatch.setattr(cpu_linear, "packing_pays", lambda *shape: True)
     torch.manual_seed(0)
     w, b, x = torch.randn(512, 192).to(dtype), torch.randn(512).to(dtype), torch.randn(64, 1, 192).to(dtype)
     packed = PackedLinear(w, b, rows=64)
@@ -122,3 +125,59 @@ def test_packed_weights_give_f_linear_outputs(monkeypatch, dtype):
     torch.testing.assert_close(packed(x), F.linear(x, w, b), rtol=tol, atol=tol * float(F.linear(x, w, b).abs().max()))
     small = PackedLinear(w, b, rows=1)  # 1 x 192 x 512 < MIN_WORK: the weight as given
     assert not small.packed and small.weight is w
+
+
+def test_a_dtype_onednn_cannot_run_here_keeps_the_weight_as_given(monkeypatch):
+    # An AVX2-only AMD EPYC has no oneDNN bfloat16 linear ("could not create a primitive descriptor"): the
+    # sampler's projections must then stay on F.linear instead of failing at the first decode step.
+    monkeypatch.setattr(cpu_linear, "onednn_available", lambda dtype=torch.float32: dtype == torch.float32)
+    torch.manual_seed(0)
+    w, x = torch.randn(512, 192).bfloat16(), torch.randn(64, 1, 192).bfloat16()
+    packed = PackedLinear(w, None, rows=64)  # 64 x 192 x 512 = 6.3M >= MIN_WORK, but bf16 is refused
+    assert not packed.packed and packed.weight is w
+    assert torch.equal(packed(x), F.linear(x, w))
+
+
+def test_the_availability_probe_answers_per_dtype():
+    # float32 is every oneDNN build's; bfloat16 depends on the CPU, but the answer must be a bool, cached, and
+    # agree with a real call
+    assert onednn_available(torch.float32) is onednn_available() is True or not torch.backends.mkldnn.is_available()
+    bf16 = onednn_available(torch.bfloat16)
+    a = torch.ones(2, 4, dtype=torch.bfloat16)
+    try:
+        cpu_linear.onednn_mm(a, a)
+        runs = True
+    except RuntimeError:
+        runs = False
+    assert bf16 is runs
+
+
+@needs_onednn
+@pytest.mark.parametrize("packed_s, plain_s, expected", [(1.0, 1.1, True), (1.0, 1.02, False), (2.0, 1.0, False)])
+def test_float32_packing_follows_the_timing_of_its_own_shape(monkeypatch, packed_s, plain_s, expected):
+    # packing_pays times the packed call first, then F.linear, and packs when F.linear takes >= PACK_MARGIN
+    # (1.05) x as long: 1.1 / 1.0 = 1.1 >= 1.05 -> pack; 1.02 / 1.0 < 1.05 -> keep; 1.0 / 2.0 -> keep
+    monkeypatch.delenv("LIGHTNING_RLHF_ONEDNN", raising=False)
+    times = iter([packed_s, plain_s])
+    monkeypatch.setattr(cpu_linear, "_seconds", lambda fn, repeats=20: next(times))
+    packing_pays.cache_clear()
+    try:
+        w = torch.randn(512, 192)
+        packed = PackedLinear(w, None, rows=64)  # 64 x 192 x 512 = 6.3M >= MIN_WORK: the probe decides
+        assert packed.packed is expected
+        assert PackedLinear.pays(w, 64) is expected  # cached per shape: no second timing (the iterator is empty)
+    finally:
+        packing_pays.cache_clear()
+
+
+def test_the_environment_variable_decides_float32_packing(monkeypatch):
+    monkeypatch.setattr(cpu_linear, "_seconds", lambda fn, repeats=20: pytest.fail("timed despite the variable"))
+    packing_pays.cache_clear()
+    try:
+        monkeypatch.setenv("LIGHTNING_RLHF_ONEDNN", "0")
+        assert PackedLinear.pays(torch.randn(512, 192), 64) is False
+        packing_pays.cache_clear()
+        monkeypatch.setenv("LIGHTNING_RLHF_ONEDNN", "1")
+        assert PackedLinear.pays(torch.randn(512, 192), 64) is onednn_available()
+    finally:
+        packing_pays.cache_clear()

@@ -64,7 +64,7 @@ def matmul_gflops(dtype: torch.dtype, n: int = 1024, seconds: float = 0.5, devic
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     best = _gflops(lambda: a @ b, n, seconds, device)
-    if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available():
+    if device == "cpu" and dtype in (torch.float32, torch.bfloat16) and onednn_available(dtype):
         best = max(best, _gflops(lambda: onednn_mm(a, b), n, seconds, device))
     return best
 

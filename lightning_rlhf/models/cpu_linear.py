@@ -14,10 +14,12 @@ summation order: results differ from MKL's by float32 rounding (about 1e-6 relat
   changes.
 - `PackedLinear`: a weight reordered once into oneDNN's blocked layout, for the rollout engine, whose weights do
   not change during a rollout (decode matmuls of 64 rows read every weight once per token: the reorder that
-  `F.linear` does on each call is most of their cost).
+  `F.linear` does on each call is most of their cost). In float32 a second probe, `packing_pays`, times each
+  decode shape, since the answer differs from training's: on an AVX2-only AMD EPYC (Zen 3), MKL won the
+  training probe but packed oneDNN was 1.2-2.5x faster at 64 rows.
 
-Simplified: the probe times one shape (256 x 576 x 1536, a 135M model's MLP); the work threshold was read off
-one machine's timings (oneDNN lost only below it).
+Simplified: the training probe times one shape (256 x 576 x 1536, a 135M model's MLP); the work threshold was
+read off one machine's timings (oneDNN lost only below it).
 """
 
 from __future__ import annotations
@@ -31,13 +33,27 @@ import torch.nn.functional as F
 from torch import Tensor
 
 MIN_WORK = 1 << 21  # rows x in x out below this, F.linear's smaller call overhead wins
-MARGIN = 1.2
+MARGIN = 1.2  # oneDNN for training's linears: a whole path of its own, taken only where clearly faster
+PACK_MARGIN = 1.05  # packing a sampler's weight: one reorder per rollout, taken where it is faster at all
 ENV = "LIGHTNING_RLHF_ONEDNN"
 
 
-def onednn_available() -> bool:
-    """True when this torch build has oneDNN's linear op (every x86 CPU build does)."""
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+@functools.cache
+def onednn_available(dtype: torch.dtype = torch.float32) -> bool:
+    """True when this torch build has oneDNN's linear op (every x86 CPU build does) and this CPU runs it in
+    `dtype`: oneDNN has no bfloat16 or float16 linear on CPUs without AVX-512 or AVX-NE-CONVERT (an AMD EPYC
+    with AVX2 only refused both), so a tiny call and a weight reorder are tried once per dtype."""
+    if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")):
+        return False
+    if dtype == torch.float32:
+        return True
+    try:
+        w = torch.ones(4, 4, dtype=dtype)
+        torch.ops.mkldnn._linear_pointwise(torch.ones(2, 4, dtype=dtype), w, None, "none", [], "")
+        torch.ops.mkldnn._reorder_linear_weight(w, 2)
+    except RuntimeError:
+        return False
+    return True
 
 
 def onednn_mm(a: Tensor, b: Tensor) -> Tensor:
@@ -99,12 +115,9 @@ def onednn_pays() -> bool:
     """Whether oneDNN's float32 linear (output and both gradients) is at least MARGIN x faster than
     F.linear's on this CPU, timed once per process (about 0.1 s). The environment variable
     LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead of the probe (A/B timings, or a machine where it misjudges)."""
-    forced = os.environ.get(ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1" and onednn_available()
-    if forced:
-        raise ValueError(f"{ENV}={forced!r}: set it to 0 (never use oneDNN's float32 linear), 1 (always) or "
-                         "leave it unset (measure which is faster)")
+    forced = _forced()
+    if forced is not None:
+        return forced and onednn_available()
     if not onednn_available():
         return False
     try:
@@ -127,22 +140,58 @@ def use_onednn_linear(model: torch.nn.Module, force: bool | None = None) -> torc
     return model
 
 
+def _forced() -> bool | None:
+    """LIGHTNING_RLHF_ONEDNN=0 or 1 as a bool; None when unset (measure); a bad value is named."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced:
+        raise ValueError(f"{ENV}={forced!r}: set it to 0 (never use oneDNN's float32 linear), 1 (always) or "
+                         "leave it unset (measure which is faster)")
+    return None
+
+
+@functools.cache
+def packing_pays(rows: int, in_features: int, out_features: int) -> bool:
+    """Whether a float32 (rows, in) @ (out, in)^T is at least PACK_MARGIN x faster with the weight in oneDNN's layout
+    than by F.linear, timed once per shape and process (a few calls each; the largest, a 135M model's lm head
+    at 64 rows, takes about 0.3 s). Decode shapes differ from training ones: on an AVX2-only AMD EPYC, oneDNN
+    lost the training probe (`onednn_pays`) but was 1.2-2.5x faster with packed weights at 64 rows, where MKL's
+    small-row GEMM is weak. LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead."""
+    forced = _forced()
+    if forced is not None:
+        return forced and onednn_available()
+    if not onednn_available():
+        return False
+    x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
+    packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
+    repeats = max(2, min(20, int(2e8 // (rows * in_features * out_features))))
+    ours = _seconds(lambda: torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], ""), repeats)
+    torch_s = _seconds(lambda: F.linear(x, w), repeats)
+    return torch_s >= PACK_MARGIN * ours
+
+
 class PackedLinear:
     """A projection for sampling: `weight` (out, in) reordered once for oneDNN when the expected work (`rows`
-    x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already) or in float32 where `onednn_pays()`;
-    otherwise it calls F.linear on the weight as given. Call it on (..., in) inputs."""
+    x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already, where the CPU has it:
+    `onednn_available`) or in float32 where `packing_pays` measured it faster for this shape; otherwise it
+    calls F.linear on the weight as given. Call it on (..., in) inputs."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.bias, self.out_features = bias, weight.shape[0]
-        self.packed = self.pays(weight, rows * weight.numel())
+        self.packed = self.pays(weight, rows)
         self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, rows) if self.packed else weight
 
     @staticmethod
-    def pays(like: Tensor, work: int) -> bool:
-        """Whether a weight with `like`'s device and dtype, used for `work` (rows x in x out) multiply-adds per
-        call, is reordered by `PackedLinear` (see the class docstring)."""
-        return (like.device.type == "cpu" and work >= MIN_WORK and onednn_available()
-                and (like.dtype == torch.bfloat16 or (like.dtype == torch.float32 and onednn_pays())))
+    def pays(like: Tensor, rows: int, out_features: int | None = None) -> bool:
+        """Whether a weight with `like`'s device, dtype and input size, and `out_features` outputs (default:
+        `like`'s), called on `rows` rows, is reordered by `PackedLinear` (see the class docstring)."""
+        out_features = like.shape[0] if out_features is None else out_features
+        if like.device.type != "cpu" or rows * like.shape[1] * out_features < MIN_WORK:
+            return False
+        if like.dtype == torch.bfloat16:
+            return onednn_available(like.dtype)
+        return like.dtype == torch.float32 and packing_pays(rows, like.shape[1], out_features)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.packed:

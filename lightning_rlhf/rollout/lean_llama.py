@@ -79,7 +79,7 @@ class _Side:
     def __init__(self, dtype: torch.dtype, modules: list[torch.nn.Module], rows: int) -> None:
         parts = [_weights(dtype, m) for m in modules]
         self.sizes = [w.shape[0] for w, _ in parts]
-        if PackedLinear.pays(parts[0][0], rows * sum(w.numel() for w, _ in parts)):
+        if PackedLinear.pays(parts[0][0], rows, sum(self.sizes)):
             biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]
             bias = None if all(b is None for _, b in parts) else torch.cat(biases)
             self.linears = [PackedLinear(torch.cat([w for w, _ in parts]), bias, rows)]
