@@ -52,10 +52,12 @@ def build(a: argparse.Namespace, bf16: bool) -> GRPO | PPO:
                   optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True))
     if a.algo == "grpo":
         return GRPO(rewards={"digit_share": 1.0}, loss={"beta": a.beta},
-                    optim={"epochs": 1, "micro_batch_size": a.micro_batch_size}, **common)
+                    optim={"epochs": 1, "micro_batch_size": a.micro_batch_size,
+                           "logprob_micro_batch_size": a.logprob_micro_batch_size}, **common)
     scorer = {"name": "reward_model", "path": a.reward_model, "release_weights": a.release_ref_pages}
     return PPO(rewards=[scorer], loss={"beta": a.beta, "kl_kind": "k1"},
-               optim={"epochs": a.ppo_epochs, "micro_batch_size": a.micro_batch_size}, critic={"init": "reward_model"},
+               optim={"epochs": a.ppo_epochs, "micro_batch_size": a.micro_batch_size,
+                      "logprob_micro_batch_size": a.logprob_micro_batch_size}, critic={"init": "reward_model"},
                critic_optimizer=lambda params: torch.optim.AdamW(params, lr=1e-6, weight_decay=0.0, fused=True),
                **common)
 
@@ -64,6 +66,8 @@ def main() -> None:
     p = worker_parser()
     p.add_argument("--engine", default="static")
     p.add_argument("--micro-batch-size", type=int, default=None)
+    p.add_argument("--logprob-micro-batch-size", type=int, default=None,
+                   help="responses per no-grad forward (reference, old values; default: --micro-batch-size)")
     p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
     p.add_argument("--ref-dtype", default=None, help="the reference model's weights dtype (default: the policy's)")
     p.add_argument("--gradient-checkpointing", action="store_true")

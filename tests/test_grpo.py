@@ -215,3 +215,25 @@ def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_
     assert not any(k.startswith("ref.") for k in saved["state_dict"])
     loaded = load_causal_lm(str(tiny_model_dir))
     assert saved[KEY]["frozen"]["ref"]["fingerprint"] == fingerprint(loaded.state_dict().values())
+
+
+@pytest.mark.parametrize("optim, sizes", [({"micro_batch_size": 2}, [2, 2, 2, 2]),
+                                          ({"micro_batch_size": 2, "logprob_micro_batch_size": 8}, [8]),
+                                          ({"micro_batch_size": 2, "logprob_micro_batch_size": 3}, [3, 3, 2])])
+def test_no_grad_forwards_take_logprob_micro_batch_size_rows_and_give_the_same_numbers(tiny_model_dir, monkeypatch,
+                                                                                     optim, sizes):
+    # 2 prompts x G=4 = 8 responses: the reference's forwards take logprob_micro_batch_size rows at a time
+    # (default: micro_batch_size; 3 -> 3 + 3 + 2), and the log-probs do not depend on the split
+    from lightning_rlhf.algorithms import rl_stage
+
+    module = GRPO(policy=str(tiny_model_dir), rollout={"num_generations": 4, "max_new_tokens": 6},
+                  loss={"beta": 0.04}, optim=optim, val_on_start=False)
+    ro = _fixed_rollout(module, 4)
+    seen = []
+    real = rl_stage.sequence_logprobs
+    monkeypatch.setattr(rl_stage, "sequence_logprobs", lambda m, part, t: seen.append(len(part)) or real(m, part, t))
+    ref = module.reference_logprobs(ro)
+    assert seen == sizes
+    with torch.no_grad():
+        whole = sequence_logprobs(module.ref, ro, 1.0)
+    torch.testing.assert_close(ref, whole, atol=1e-5, rtol=1e-5)

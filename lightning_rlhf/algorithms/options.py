@@ -128,6 +128,10 @@ class OptimOptions:
         epochs: passes over each rollout (GRPO's mu, PPO's epochs).
         mini_batch_size: responses per optimizer step (None: the whole rollout).
         micro_batch_size: responses per forward/backward, accumulated into a mini-batch (None: the mini-batch).
+        logprob_micro_batch_size: responses per no-grad forward: the reference's log-probs, recomputed old
+            log-probs, PPO's old values (None: micro_batch_size). Such a pass keeps no activations for a
+            backward, so it can take several times micro_batch_size, in larger, faster matmuls (SmolLM2-135M on
+            2 CPU cores: the reference pass over 32 responses took 4.0 s at 16, against 5.2 s at 4).
         max_grad_norm: gradient-norm clipping per optimizer step (None: off).
         lr_schedule: constant, linear or cosine, over trainer.max_steps rollout steps.
         warmup_steps: linear warmup steps of the schedule.
@@ -139,6 +143,7 @@ class OptimOptions:
     epochs: int = 1
     mini_batch_size: int | None = None
     micro_batch_size: int | None = None
+    logprob_micro_batch_size: int | None = None
     max_grad_norm: float | None = 1.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
@@ -146,7 +151,7 @@ class OptimOptions:
 
     def __post_init__(self) -> None:
         check_ranges("optim", self, {"mini_batch_size": (1, None), "micro_batch_size": (1, None),
-                                     "warmup_steps": (0, None)})
+                                     "logprob_micro_batch_size": (1, None), "warmup_steps": (0, None)})
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ConfigError(f"optim.max_grad_norm={self.max_grad_norm}: must be > 0, or null to turn clipping off")
 

@@ -45,7 +45,8 @@ def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions
     return [
         f"[{stage_name}] plan per rollout step (per rank; {trainer.world_size} rank(s)):",
         f"  prompts/step          {prompts or '?'} x num_generations {r.num_generations} = responses {n or '?'}",
-        f"  mini-batches          {mini} responses, micro-batches {micro}",
+        f"  mini-batches          {mini} responses, micro-batches {micro}, no-grad forwards "
+        f"{o.logprob_micro_batch_size or micro}",
         f"  optimizer steps       {steps} per rollout (optim.epochs {o.epochs}); "
         f"trainer.max_steps={trainer.max_steps} counts rollout steps",
         f"  tokens/step (max)     {(n or 0) * (r.max_prompt_length + r.max_new_tokens)} "

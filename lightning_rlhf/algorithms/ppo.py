@@ -192,10 +192,8 @@ class PPO(RLStage):
         ref_logp = self.reference_logprobs(ro)
         rewards, kl = token_level_rewards(scores, ro.logprobs, ro.logprobs if ref_logp is None else ref_logp,
                                           mask, self.kl_coef, self.loss_cfg.kl_kind)
-        idx = torch.arange(len(ro), device=ro.response_ids.device)
         self.critic.eval()
-        chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
-        old_values = torch.cat([response_values(self.critic, ro.select(i)) for i in chunks])
+        old_values = torch.cat([response_values(self.critic, ro.select(i)) for i in self.no_grad_chunks(ro)])
         self.critic.train()
         adv, returns = self.advantages(rewards, mask, ro.group_size, values=old_values)
         return {"rewards": rewards, "kl": kl, "old_values": old_values, "returns": returns, "advantages": adv}

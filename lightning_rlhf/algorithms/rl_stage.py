@@ -2,7 +2,7 @@
 
   - loading the policy, its tokenizer and (only when `loss.beta` > 0) a frozen reference model;
   - the rollout-and-score step: sample `rollout.num_generations` responses per prompt, score them with
-    the weighted `rewards`; the reference's log-probs under no_grad, `optim.micro_batch_size` at a time;
+    the weighted `rewards`; the reference's log-probs under no_grad, `optim.logprob_micro_batch_size` at a time;
   - advantages by the estimator named in `advantage.estimator` (optionally whitened across ranks);
   - the policy loss named in `loss.name`, on one micro-batch;
   - one mini/micro-batch iterator over a rollout (`batching.micro_batches`) and the optimizer step that advances
@@ -254,9 +254,8 @@ class RLStage(Stage):
         and train/old_logprob_diff = mean |sampling - recomputed| over real tokens; unchanged otherwise."""
         if not self.recompute_old_logprobs():
             return ro, {}
-        idx = torch.arange(len(ro), device=ro.response_ids.device)
-        chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
-        fresh = torch.cat([sequence_logprobs(self.policy, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
+        fresh = torch.cat([sequence_logprobs(self.policy, ro.select(i), self.rollout_cfg.temperature)
+                           for i in self.no_grad_chunks(ro)])
         diff = Means()
         diff.update("train/old_logprob_diff", (fresh - ro.logprobs).abs(), ro.response_mask)
         return replace(ro, logprobs=fresh), diff.compute()
@@ -264,14 +263,20 @@ class RLStage(Stage):
     @torch.no_grad()
     def reference_logprobs(self, ro: Rollout) -> Tensor | None:
         """Log-probs of the rollout under the frozen reference (LoRA: the policy with its adapters off),
-        micro_batch_size responses per forward."""
+        `no_grad_chunks` at a time."""
         if self.ref is None and not self.ref_is_base:
             return None
         model = self.policy if self.ref_is_base else self.ref
-        idx = torch.arange(len(ro), device=ro.response_ids.device)
-        chunks = idx.split(self.optim_cfg.micro_batch_size or len(ro))
         with adapters_disabled(model), self.ref_weights_resident():
-            return torch.cat([sequence_logprobs(model, ro.select(i), self.rollout_cfg.temperature) for i in chunks])
+            return torch.cat([sequence_logprobs(model, ro.select(i), self.rollout_cfg.temperature)
+                              for i in self.no_grad_chunks(ro)])
+
+    def no_grad_chunks(self, ro: Rollout) -> tuple[Tensor, ...]:
+        """Row indices of `ro` in chunks of optim.logprob_micro_batch_size (default: micro_batch_size), for the
+        no-grad forwards."""
+        o = self.optim_cfg
+        idx = torch.arange(len(ro), device=ro.response_ids.device)
+        return idx.split(o.logprob_micro_batch_size or o.micro_batch_size or len(ro))
 
     def ref_weights_resident(self) -> contextlib.AbstractContextManager:
         """With `release_ref_pages`: the reference's weights read back from its checkpoint for the block and
