@@ -220,8 +220,8 @@ def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_
 @pytest.mark.parametrize("optim, sizes", [({"micro_batch_size": 2}, [2, 2, 2, 2]),
                                           ({"micro_batch_size": 2, "logprob_micro_batch_size": 8}, [8]),
                                           ({"micro_batch_size": 2, "logprob_micro_batch_size": 3}, [3, 3, 2])])
-def test_no_grad_forwards_take_logprob_micro_batch_size_rows_and_give_the_same_numbers(tiny_model_dir, monkeypatch,
-                                                                                     optim, sizes):
+def test_no_grad_forwards_take_logprob_micro_batch_size_rows_and_give_the_same_numbers(
+        tiny_model_dir, monkeypatch, optim, sizes):
     # 2 prompts x G=4 = 8 responses: the reference's forwards take logprob_micro_batch_size rows at a time
     # (default: micro_batch_size; 3 -> 3 + 3 + 2), and the log-probs do not depend on the split
     from lightning_rlhf.algorithms import rl_stage

@@ -16,7 +16,7 @@ summation order: results differ from MKL's by float32 rounding (about 1e-6 relat
   not change during a rollout (decode matmuls of 64 rows read every weight once per token: the reorder that
   `F.linear` does on each call is most of their cost). In float32 a second probe, `packing_pays`, times each
   decode shape, since the answer differs from training's: on an AVX2-only AMD EPYC (Zen 3), MKL won the
-  training probe but packed oneDNN was 1.2-2.5x faster at 64 rows.
+  training probe but packed oneDNN was 1.1-2.3x faster at 64 rows (1.5-2.9x at 8).
 
 Simplified: the training probe times one shape (256 x 576 x 1536, a 135M model's MLP); the work threshold was
 read off one machine's timings (oneDNN lost only below it).
@@ -153,11 +153,11 @@ def _forced() -> bool | None:
 
 @functools.cache
 def packing_pays(rows: int, in_features: int, out_features: int) -> bool:
-    """Whether a float32 (rows, in) @ (out, in)^T is at least PACK_MARGIN x faster with the weight in oneDNN's layout
-    than by F.linear, timed once per shape and process (a few calls each; the largest, a 135M model's lm head
-    at 64 rows, takes about 0.3 s). Decode shapes differ from training ones: on an AVX2-only AMD EPYC, oneDNN
-    lost the training probe (`onednn_pays`) but was 1.2-2.5x faster with packed weights at 64 rows, where MKL's
-    small-row GEMM is weak. LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead."""
+    """Whether a float32 (rows, in) @ (out, in)^T is at least PACK_MARGIN x faster with the weight in oneDNN's
+    layout than by F.linear, timed once per shape and process (a few calls each; the largest, a 135M model's lm
+    head at 64 rows, takes about 0.3 s). Decode shapes differ from training ones: on an AVX2-only AMD EPYC,
+    oneDNN lost the training probe (`onednn_pays`) but was 1.1-2.3x faster with packed weights at 64 rows, where
+    MKL's small-row GEMM is weak. LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead."""
     forced = _forced()
     if forced is not None:
         return forced and onednn_available()
