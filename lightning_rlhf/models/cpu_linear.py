@@ -110,16 +110,26 @@ def _seconds(fn, repeats: int = 20) -> float:
     return (time.perf_counter() - start) / repeats
 
 
+def _decided() -> bool | None:
+    """What the float32 probes answer without timing: False without oneDNN, LIGHTNING_RLHF_ONEDNN=0 or 1 as a
+    bool, None when it is unset (measure); a bad value is named."""
+    forced = os.environ.get(ENV, "").strip()
+    if forced and forced not in ("0", "1"):
+        raise ValueError(f"{ENV}={forced!r}: set it to 0 (never use oneDNN's float32 linear), 1 (always) or "
+                         "leave it unset (measure which is faster)")
+    if not onednn_available():
+        return False
+    return None if not forced else forced == "1"
+
+
 @functools.cache
 def onednn_pays() -> bool:
     """Whether oneDNN's float32 linear (output and both gradients) is at least MARGIN x faster than
     F.linear's on this CPU, timed once per process (about 0.1 s). The environment variable
     LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead of the probe (A/B timings, or a machine where it misjudges)."""
-    forced = _forced()
-    if forced is not None:
-        return forced and onednn_available()
-    if not onednn_available():
-        return False
+    decided = _decided()
+    if decided is not None:
+        return decided
     try:
         x, w, g = torch.randn(256, 576), torch.randn(1536, 576), torch.randn(256, 1536)
         ours = _seconds(lambda: (onednn_mm(x, w), onednn_mm(g, w.t()), onednn_mm(g.t(), x.t())))
@@ -140,15 +150,6 @@ def use_onednn_linear(model: torch.nn.Module, force: bool | None = None) -> torc
     return model
 
 
-def _forced() -> bool | None:
-    """LIGHTNING_RLHF_ONEDNN=0 or 1 as a bool; None when unset (measure); a bad value is named."""
-    forced = os.environ.get(ENV, "").strip()
-    if forced in ("0", "1"):
-        return forced == "1"
-    if forced:
-        raise ValueError(f"{ENV}={forced!r}: set it to 0 (never use oneDNN's float32 linear), 1 (always) or "
-                         "leave it unset (measure which is faster)")
-    return None
 
 
 @functools.cache
@@ -158,11 +159,9 @@ def packing_pays(rows: int, in_features: int, out_features: int) -> bool:
     head at 64 rows, takes about 0.3 s). Decode shapes differ from training ones: on an AVX2-only AMD EPYC,
     oneDNN lost the training probe (`onednn_pays`) but was 1.1-2.3x faster with packed weights at 64 rows, where
     MKL's small-row GEMM is weak. LIGHTNING_RLHF_ONEDNN=0 or 1 decides instead."""
-    forced = _forced()
-    if forced is not None:
-        return forced and onednn_available()
-    if not onednn_available():
-        return False
+    decided = _decided()
+    if decided is not None:
+        return decided
     x, w = torch.randn(rows, in_features), torch.randn(out_features, in_features)
     packed = torch.ops.mkldnn._reorder_linear_weight(w, rows)
     repeats = max(2, min(20, int(2e8 // (rows * in_features * out_features))))
