@@ -217,18 +217,23 @@ def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_
     assert saved[KEY]["frozen"]["ref"]["fingerprint"] == fingerprint(loaded.state_dict().values())
 
 
-@pytest.mark.parametrize("optim, sizes", [({"micro_batch_size": 2}, [2, 2, 2, 2]),
-                                          ({"micro_batch_size": 2, "logprob_micro_batch_size": 8}, [8]),
-                                          ({"micro_batch_size": 2, "logprob_micro_batch_size": 3}, [3, 3, 2])])
+@pytest.mark.parametrize("optim, budget_rows, sizes", [({"micro_batch_size": 2}, 3, [3, 3, 2]),
+                                                       ({"micro_batch_size": 2}, 1, [2, 2, 2, 2]),
+                                                       ({"micro_batch_size": 2}, 100, [8]),
+                                                       ({"micro_batch_size": 2, "logprob_micro_batch_size": 8}, 1, [8]),
+                                                       ({"micro_batch_size": 2, "logprob_micro_batch_size": 3}, 100,
+                                                        [3, 3, 2])])
 def test_no_grad_forwards_take_logprob_micro_batch_size_rows_and_give_the_same_numbers(
-        tiny_model_dir, monkeypatch, optim, sizes):
+        tiny_model_dir, monkeypatch, optim, budget_rows, sizes):
     # 2 prompts x G=4 = 8 responses: the reference's forwards take logprob_micro_batch_size rows at a time
-    # (default: micro_batch_size; 3 -> 3 + 3 + 2), and the log-probs do not depend on the split
-    from lightning_rlhf.algorithms import rl_stage
+    # (3 -> 3 + 3 + 2); unset, as many rows as the logits budget holds (set here to `budget_rows` rows of
+    # T x 512 logits), at least micro_batch_size; the log-probs do not depend on the split
+    from lightning_rlhf.algorithms import plan, rl_stage
 
     module = GRPO(policy=str(tiny_model_dir), rollout={"num_generations": 4, "max_new_tokens": 6},
                   loss={"beta": 0.04}, optim=optim, val_on_start=False)
     ro = _fixed_rollout(module, 4)
+    monkeypatch.setattr(plan, "NO_GRAD_LOGITS", budget_rows * ro.response_ids.shape[1] * 512 + 511)
     seen = []
     real = rl_stage.sequence_logprobs
     monkeypatch.setattr(rl_stage, "sequence_logprobs", lambda m, part, t: seen.append(len(part)) or real(m, part, t))

@@ -3,7 +3,8 @@
 `plan_lines(...)` says per rollout step and rank: prompts x num_generations = responses, the mini/micro-batch
 split and optimizer steps, the token budget, the advantage estimator and policy loss, the rewards and the KL
 setting; a stage appends lines of its own (PPO: its critic). The check fails
-before any rollout when mini/micro-batch sizes do not divide the responses of a step.
+before any rollout when mini/micro-batch sizes do not divide the responses of a step. `no_grad_rows` sizes the
+no-grad forwards (the reference's log-probs, recomputed old log-probs, PPO's old values).
 """
 
 from __future__ import annotations
@@ -26,6 +27,22 @@ def check_batch_sizes(n: int, mini: int | None, micro: int | None) -> tuple[int,
     return mini, micro
 
 
+NO_GRAD_LOGITS = 2**26  # logits elements one no-grad forward may hold (256 MB in float32) when its rows are not set
+
+
+def no_grad_rows(n: int, o: OptimOptions, logits_per_row: int | None) -> int:
+    """Rows per no-grad forward over a rollout of `n` responses: optim.logprob_micro_batch_size when set; else as
+    many as keep that forward's (rows, T, V) logits within NO_GRAD_LOGITS elements (`logits_per_row` = T x V;
+    None when unknown: micro_batch_size), at least micro_batch_size and at most n. Such a pass keeps no
+    activations for a backward, so it can take more rows than a micro-batch, in larger, faster matmuls."""
+    if o.logprob_micro_batch_size:
+        return o.logprob_micro_batch_size
+    micro = min(n, o.micro_batch_size or n)
+    if not logits_per_row:
+        return micro
+    return max(micro, min(n, NO_GRAD_LOGITS // logits_per_row))
+
+
 def prompts_per_step(trainer: Any) -> int | None:
     """Prompts per rollout step and rank: the data module's batch_size, else the train loader's."""
     prompts = getattr(trainer.datamodule, "batch_size", None) if trainer.datamodule is not None else None
@@ -35,7 +52,7 @@ def prompts_per_step(trainer: Any) -> int | None:
 
 
 def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions, loss: LossOptions,
-               estimator: str, rewards: list[str], has_ref: bool) -> list[str]:
+               estimator: str, rewards: list[str], has_ref: bool, vocab: int | None = None) -> list[str]:
     """Check the batch sizes (ConfigError before any work), then describe one rollout step of `trainer`."""
     prompts = prompts_per_step(trainer)
     n = prompts * r.num_generations if prompts else None
@@ -46,7 +63,8 @@ def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions
         f"[{stage_name}] plan per rollout step (per rank; {trainer.world_size} rank(s)):",
         f"  prompts/step          {prompts or '?'} x num_generations {r.num_generations} = responses {n or '?'}",
         f"  mini-batches          {mini} responses, micro-batches {micro}, no-grad forwards "
-        f"{o.logprob_micro_batch_size or micro}",
+        f"{no_grad_rows(n, o, vocab and vocab * r.max_new_tokens) if n else '?'}"
+        f"{'' if o.logprob_micro_batch_size else ' (at max_new_tokens; more when responses are shorter)'}",
         f"  optimizer steps       {steps} per rollout (optim.epochs {o.epochs}); "
         f"trainer.max_steps={trainer.max_steps} counts rollout steps",
         f"  tokens/step (max)     {(n or 0) * (r.max_prompt_length + r.max_new_tokens)} "

@@ -33,7 +33,7 @@ from lightning_rlhf.algorithms.optim import as_list, step
 from lightning_rlhf.algorithms.options import (
     AdvantageOptions, LossOptions, OptimOptions, RolloutOptions, as_options,
 )
-from lightning_rlhf.algorithms.plan import check_batch_sizes, plan_lines
+from lightning_rlhf.algorithms.plan import check_batch_sizes, no_grad_rows, plan_lines
 from lightning_rlhf.algorithms.runtime import keep_freed_memory
 from lightning_rlhf.algorithms.schedules import LR_SCHEDULES
 from lightning_rlhf.algorithms.stage import Stage, generate_text, language_mixed_share, source_record
@@ -272,11 +272,17 @@ class RLStage(Stage):
                               for i in self.no_grad_chunks(ro)])
 
     def no_grad_chunks(self, ro: Rollout) -> tuple[Tensor, ...]:
-        """Row indices of `ro` in chunks of optim.logprob_micro_batch_size (default: micro_batch_size), for the
-        no-grad forwards."""
-        o = self.optim_cfg
+        """Row indices of `ro` in chunks of `no_grad_rows` (optim.logprob_micro_batch_size, or by the size of the
+        logits), for the no-grad forwards."""
         idx = torch.arange(len(ro), device=ro.response_ids.device)
-        return idx.split(o.logprob_micro_batch_size or o.micro_batch_size or len(ro))
+        vocab = self.vocab_size()
+        return idx.split(no_grad_rows(len(ro), self.optim_cfg, vocab and vocab * ro.response_ids.shape[1]))
+
+    def vocab_size(self) -> int | None:
+        """The policy's vocabulary size (None when its config does not say)."""
+        config = getattr(self.policy, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        return getattr(text, "vocab_size", None)
 
     def ref_weights_resident(self) -> contextlib.AbstractContextManager:
         """With `release_ref_pages`: the reference's weights read back from its checkpoint for the block and
@@ -379,7 +385,7 @@ class RLStage(Stage):
     def on_train_start(self) -> None:
         lines = plan_lines(type(self).__name__, self.trainer, self.rollout_cfg, self.optim_cfg, self.loss_cfg,
                            self.advantage_cfg.estimator, self.reward_fn.names,
-                           self.ref is not None or self.ref_is_base)
+                           self.ref is not None or self.ref_is_base, self.vocab_size())
         lines += self.extra_plan_lines() + lora_plan_lines(self.policy, self.lora_cfg, self.ref_is_base)
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
