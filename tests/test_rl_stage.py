@@ -58,15 +58,15 @@ def test_no_grad_forwards_take_rows_by_the_size_of_their_logits():
     assert NO_GRAD_LOGITS == 2**26  # 67_108_864 elements, 256 MB in float32
     # SmolLM2: 32 responses of 33 logit positions x 49152 = 1_622_016 elements per row;
     # 67_108_864 // 1_622_016 = 41 rows fit, capped at the rollout's 32
-    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), 33 * 49152) == 32
+    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), 33, 49152) == 32
     # 1024-token responses: 50_331_648 elements per row -> 1 row fits; micro_batch_size 4 is the floor
-    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), 1024 * 49152) == 4
+    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), 1024, 49152) == 4
     # 160 positions x 151_936 (a Qwen vocabulary) = 24_309_760 per row -> 2 rows, above micro-batches of 1
-    assert no_grad_rows(64, OptimOptions(micro_batch_size=1), 160 * 151_936) == 2
+    assert no_grad_rows(64, OptimOptions(micro_batch_size=1), 160, 151_936) == 2
     # set explicitly, it wins; an unknown vocabulary keeps micro_batch_size (none: the whole rollout)
-    assert no_grad_rows(32, OptimOptions(micro_batch_size=4, logprob_micro_batch_size=3), 33 * 49152) == 3
-    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), None) == 4
-    assert no_grad_rows(32, OptimOptions(), None) == 32
+    assert no_grad_rows(32, OptimOptions(micro_batch_size=4, logprob_micro_batch_size=3), 33, 49152) == 3
+    assert no_grad_rows(32, OptimOptions(micro_batch_size=4), 33, None) == 4
+    assert no_grad_rows(32, OptimOptions(), 33, None) == 32
 
 
 def test_groups_stay_together_when_the_batch_sizes_hold_whole_groups():

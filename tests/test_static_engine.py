@@ -12,8 +12,9 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
+from lightning_rlhf.models import cpu_linear
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, SamplingParams, sequence_logprobs
-from lightning_rlhf.rollout import static, teacher_forcing
+from lightning_rlhf.rollout import lean_llama, static, teacher_forcing
 from lightning_rlhf.rollout.static import filter_logits, sample_tokens
 
 PAD, EOS = 0, 1
@@ -55,8 +56,16 @@ def run(engine: str, model, **kw):
 
 
 @pytest.mark.parametrize("make", [llama, qwen2])
-def test_greedy_fp32_gives_hf_generate_tokens(make):
+@pytest.mark.parametrize("packed", [False, True])
+def test_greedy_fp32_gives_hf_generate_tokens(make, packed, monkeypatch):
+    # packed: every projection in oneDNN's layout, q/k/v and gate/up as one stacked matmul each (what a large
+    # model gets where packing pays); otherwise separate matmuls on the parameters themselves
+    if packed and not cpu_linear.onednn_available():
+        pytest.skip("no oneDNN float32 linear here")
+    monkeypatch.setattr(cpu_linear.PackedLinear, "pays", staticmethod(lambda like, rows, out_features=None: packed))
     model = make()
+    layer = lean_llama.LeanLlama.from_model(model).layers[0]
+    assert (len(layer.qkv.linears), len(layer.gate_up.linears)) == ((1, 1) if packed else (3, 2))
     hf, fast = run("hf", model, greedy=True), run("static", model, greedy=True)
     assert torch.equal(hf.response_ids, fast.response_ids)
     assert torch.equal(hf.response_mask, fast.response_mask) and torch.equal(hf.truncated, fast.truncated)

@@ -30,17 +30,17 @@ def check_batch_sizes(n: int, mini: int | None, micro: int | None) -> tuple[int,
 NO_GRAD_LOGITS = 2**26  # logits elements one no-grad forward may hold (256 MB in float32) when its rows are not set
 
 
-def no_grad_rows(n: int, o: OptimOptions, logits_per_row: int | None) -> int:
-    """Rows per no-grad forward over a rollout of `n` responses: optim.logprob_micro_batch_size when set; else as
-    many as keep that forward's (rows, T, V) logits within NO_GRAD_LOGITS elements (`logits_per_row` = T x V;
-    None when unknown: micro_batch_size), at least micro_batch_size and at most n. Such a pass keeps no
-    activations for a backward, so it can take more rows than a micro-batch, in larger, faster matmuls."""
+def no_grad_rows(n: int, o: OptimOptions, t: int, vocab: int | None) -> int:
+    """Rows per no-grad forward over a rollout of `n` responses of `t` tokens: optim.logprob_micro_batch_size when
+    set; else as many as keep that forward's (rows, t, vocab) logits within NO_GRAD_LOGITS elements (vocab None,
+    unknown: micro_batch_size), at least micro_batch_size and at most n. Such a pass keeps no activations for a
+    backward, so it can take more rows than a micro-batch, in larger, faster matmuls."""
     if o.logprob_micro_batch_size:
         return o.logprob_micro_batch_size
     micro = min(n, o.micro_batch_size or n)
-    if not logits_per_row:
+    if not vocab:
         return micro
-    return max(micro, min(n, NO_GRAD_LOGITS // logits_per_row))
+    return max(micro, min(n, NO_GRAD_LOGITS // (max(t, 1) * vocab)))
 
 
 def prompts_per_step(trainer: Any) -> int | None:
@@ -63,7 +63,7 @@ def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions
         f"[{stage_name}] plan per rollout step (per rank; {trainer.world_size} rank(s)):",
         f"  prompts/step          {prompts or '?'} x num_generations {r.num_generations} = responses {n or '?'}",
         f"  mini-batches          {mini} responses, micro-batches {micro}, no-grad forwards "
-        f"{no_grad_rows(n, o, vocab and vocab * r.max_new_tokens) if n else '?'}"
+        f"{no_grad_rows(n, o, r.max_new_tokens, vocab) if n else '?'}"
         f"{'' if o.logprob_micro_batch_size else ' (at max_new_tokens; more when responses are shorter)'}",
         f"  optimizer steps       {steps} per rollout (optim.epochs {o.epochs}); "
         f"trainer.max_steps={trainer.max_steps} counts rollout steps",

@@ -275,8 +275,7 @@ class RLStage(Stage):
         """Row indices of `ro` in chunks of `no_grad_rows` (optim.logprob_micro_batch_size, or by the size of the
         logits), for the no-grad forwards."""
         idx = torch.arange(len(ro), device=ro.response_ids.device)
-        vocab = self.vocab_size()
-        return idx.split(no_grad_rows(len(ro), self.optim_cfg, vocab and vocab * ro.response_ids.shape[1]))
+        return idx.split(no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size()))
 
     def vocab_size(self) -> int | None:
         """The policy's vocabulary size (None when its config does not say)."""

@@ -150,8 +150,6 @@ def use_onednn_linear(model: torch.nn.Module, force: bool | None = None) -> torc
     return model
 
 
-
-
 @functools.cache
 def packing_pays(rows: int, in_features: int, out_features: int) -> bool:
     """Whether a float32 (rows, in) @ (out, in)^T is at least PACK_MARGIN x faster with the weight in oneDNN's
