@@ -54,7 +54,7 @@ def build(a: argparse.Namespace, bf16: bool) -> GRPO | PPO:
         return GRPO(rewards={"digit_share": 1.0}, loss={"beta": a.beta},
                     optim={"epochs": 1, "micro_batch_size": a.micro_batch_size,
                            "logprob_micro_batch_size": a.logprob_micro_batch_size}, **common)
-    scorer = {"name": "reward_model", "path": a.reward_model, "release_weights": a.release_ref_pages}
+    scorer = {"name": "reward_model", "path": a.reward_model, "release_weights": bool(a.release_ref_pages)}
     return PPO(rewards=[scorer], loss={"beta": a.beta, "kl_kind": "k1"},
                optim={"epochs": a.ppo_epochs, "micro_batch_size": a.micro_batch_size,
                       "logprob_micro_batch_size": a.logprob_micro_batch_size}, critic={"init": "reward_model"},
@@ -71,8 +71,11 @@ def main() -> None:
     p.add_argument("--algo", choices=["grpo", "ppo"], default="grpo")
     p.add_argument("--ref-dtype", default=None, help="the reference model's weights dtype (default: the policy's)")
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--release-ref-pages", action="store_true",
-                   help="drop the reference's weights after each use (PPO: the reward model's too)")
+    p.add_argument("--release-ref-pages", action="store_const", const=True, default=None,
+                   help="drop the reference's weights after each use (PPO: the reward model's too); default: the "
+                        "stage's own choice (on a CPU, for references of 64 MB or more)")
+    p.add_argument("--keep-ref-pages", dest="release_ref_pages", action="store_const", const=False,
+                   help="keep the reference's weights in memory")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)

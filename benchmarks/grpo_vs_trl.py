@@ -72,7 +72,7 @@ def main(algo: str = "grpo", trl_python: str = ".venv-trl/bin/python", doc: str 
     p.add_argument("--beta", type=float, default=0.04)
     p.add_argument("--micro-batch-size", type=int, default=None, help="ours: responses per forward/backward")
     p.add_argument("--ours-extra", default="", help="more flags for our side: --ref-dtype bfloat16, "
-                   "--gradient-checkpointing, --engine hf, --release-ref-pages")
+                   "--gradient-checkpointing, --engine hf, --release-ref-pages, --keep-ref-pages")
     p.add_argument("--trl-gradient-checkpointing", choices=["default", "off"], default="default")
     a = p.parse_args()
     prompts = [r["prompt"] + INSTRUCTION for r in arithmetic_problems(a.steps * a.prompts_per_step, seed=5)]

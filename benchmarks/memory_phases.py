@@ -5,7 +5,7 @@ overall peak the split of RSS into anonymous memory and file pages (/proc/self/s
 
     cd benchmarks
     python memory_phases.py --model ../checkpoints/smollm2-135m-instruct --prompts P --steps 4 \\
-        --micro-batch-size 4 [--release-ref-pages] [--glibc-defaults] [--trim-before-reference]
+        --micro-batch-size 4 [--release-ref-pages | --keep-ref-pages] [--glibc-defaults] [--trim-before-reference]
 
 P: a JSON list of prompt strings (`grpo_vs_trl.py` writes one to a temporary directory; any will do).
 `--glibc-defaults` leaves glibc's allocator as it is (no `keep_freed_memory`); `--trim-before-reference`

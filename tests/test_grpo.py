@@ -193,8 +193,9 @@ def test_old_logprobs_are_recomputed_when_sampling_precision_differs(tiny_model_
     assert logged["train/clip_fraction"] == 0.0  # with the recomputed old log-probs the first ratio is 1
 
 
-def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_path):
+def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from lightning_rlhf.algorithms.resume import KEY, fingerprint
+    from lightning_rlhf.models import reloadable
 
     def run(**kw):
         torch.manual_seed(0)
@@ -206,9 +207,19 @@ def test_releasing_the_references_weights_changes_no_number(tiny_model_dir, tmp_
         trainer.fit(module, train_dataloaders=DataLoader(PROMPTS * 2, batch_size=2, collate_fn=collate_rows))
         return module, trainer, logged
 
-    _, _, kept = run()
+    _, _, kept = run(release_ref_pages=False)
     module, trainer, dropped = run(release_ref_pages=True)
     assert all(p.numel() == 0 for p in module.ref.parameters())  # out of memory between steps
+    capsys.readouterr()
+    by_default, _, _ = run()  # the tiny reference (4 MB) is under AUTO_RELEASE_BYTES: it stays
+    assert all(p.numel() > 0 for p in by_default.ref.parameters())
+    assert "beta 0.1 (k3, reference loaded)" in capsys.readouterr().out  # the plan printout says which
+    monkeypatch.setattr(reloadable, "AUTO_RELEASE_BYTES", 1)
+    by_default, _, _ = run()
+    assert all(p.numel() == 0 for p in by_default.ref.parameters())
+    assert "beta 0.1 (k3, reference loaded, released between uses)" in capsys.readouterr().out
+    kept_anyway, _, _ = run(release_ref_pages=False)
+    assert all(p.numel() > 0 for p in kept_anyway.ref.parameters())
     assert dropped["train/kl"] == kept["train/kl"] and dropped["train/loss"] == kept["train/loss"]
     trainer.save_checkpoint(tmp_path / "released.ckpt")  # records the reference by identity, not as weights
     saved = torch.load(tmp_path / "released.ckpt", weights_only=False)

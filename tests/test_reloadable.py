@@ -95,3 +95,28 @@ def test_a_checkpoint_changed_during_the_run_is_an_error_not_a_silent_other_refe
     LlamaForCausalLM(CONFIG).save_pretrained(saved_model)  # another model written over the reference's files
     with pytest.raises(RuntimeError, match="changed since the reference was loaded"):
         weights.restore()
+
+
+def test_the_rl_stages_release_a_reference_by_default_only_on_a_cpu_and_where_it_is_large(saved_model, monkeypatch):
+    from lightning_rlhf.models import reloadable
+
+    model = load_causal_lm(saved_model)
+    assert reloadable.AUTO_RELEASE_BYTES == 64 * 2**20
+    assert not reloadable.releases_by_default(model)  # 16,258,048 B of weights < 67,108,864
+    monkeypatch.setattr(reloadable, "AUTO_RELEASE_BYTES", 4 * N_WEIGHTS)
+    assert reloadable.releases_by_default(model)  # exactly at the bound
+    monkeypatch.setattr(reloadable, "AUTO_RELEASE_BYTES", 4 * N_WEIGHTS + 1)
+    assert not reloadable.releases_by_default(model)
+    monkeypatch.setattr(reloadable, "AUTO_RELEASE_BYTES", 0)
+    assert not reloadable.releases_by_default(model.to("meta"))  # not on a CPU: device memory is not ours to free
+
+
+def test_a_release_nobody_asked_for_says_why_it_cannot_be_done_quietly(saved_model, tmp_path, caplog):
+    model = load_causal_lm(saved_model)
+    caplog.set_level("INFO")
+    assert ReloadableWeights(model, tmp_path / "nowhere", warn=False).release() == 0
+    quiet = [r for r in caplog.records if "stay in memory" in r.getMessage()]
+    assert [r.levelname for r in quiet] == ["INFO"]
+    caplog.clear()
+    assert ReloadableWeights(model, tmp_path / "nowhere").release() == 0
+    assert [r.levelname for r in caplog.records if "stay in memory" in r.getMessage()] == ["WARNING"]

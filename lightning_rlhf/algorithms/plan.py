@@ -52,8 +52,9 @@ def prompts_per_step(trainer: Any) -> int | None:
 
 
 def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions, loss: LossOptions,
-               estimator: str, rewards: list[str], has_ref: bool, vocab: int | None = None) -> list[str]:
-    """Check the batch sizes (ConfigError before any work), then describe one rollout step of `trainer`."""
+               estimator: str, rewards: list[str], reference: str, vocab: int | None = None) -> list[str]:
+    """Check the batch sizes (ConfigError before any work), then describe one rollout step of `trainer`.
+    `reference`: what the KL's reference is, in words ("no reference model", "reference loaded", ...)."""
     prompts = prompts_per_step(trainer)
     n = prompts * r.num_generations if prompts else None
     mini, micro = check_batch_sizes(n, o.mini_batch_size, o.micro_batch_size) if n else ("?", "?")
@@ -71,5 +72,5 @@ def plan_lines(stage_name: str, trainer: Any, r: RolloutOptions, o: OptimOptions
         f"(prompt <= {r.max_prompt_length}, response <= {r.max_new_tokens})",
         f"  advantage, loss       {estimator}; {loss.name} (clip {loss.clip_low}/{clip_high}, {loss.agg})",
         f"  reward                {', '.join(rewards)}; beta {loss.beta} ({loss.kl_kind}, "
-        f"{'reference loaded' if has_ref else 'no reference model'})",
+        f"{reference})",
     ]

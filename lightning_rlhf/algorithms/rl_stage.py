@@ -43,7 +43,7 @@ from lightning_rlhf.functional import (
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_prompts
-from lightning_rlhf.models.reloadable import ReloadableWeights
+from lightning_rlhf.models.reloadable import ReloadableWeights, releases_by_default
 from lightning_rlhf.models.lora import LoraOptions, adapters_disabled, apply_lora, lora_plan_lines
 from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
@@ -146,7 +146,10 @@ class RLStage(Stage):
             (SmolLM2-135M: the k3 KL between identical models reads ~1.5e-3 instead of 0).
         release_ref_pages: after each use, free the reference's weights and read them back from its safetensors
             checkpoint before the next (`models/reloadable.py`): the update runs without them, and the reference
-            reuses memory the update freed (SmolLM2-135M fp32 GRPO: peak RSS 4.10-4.20 -> 3.82-3.95 GB).
+            reuses memory the update freed (SmolLM2-135M fp32 GRPO: peak RSS 4.10-4.20 -> 3.82-3.95 GB, for
+            about 0.1-0.2 s a step). None (the default): on when the reference is on a CPU and its weights take
+            at least AUTO_RELEASE_BYTES (64 MB), where a weight that cannot be read back (a GGUF checkpoint)
+            keeps them all in memory without a warning; true or false decide.
         rollout: sampling options.
         advantage: advantage estimator options.
         loss: policy loss options.
@@ -171,7 +174,7 @@ class RLStage(Stage):
         gguf_file: str | None = None,
         dtype: str = "float32",
         ref_dtype: str | None = None,
-        release_ref_pages: bool = False,
+        release_ref_pages: bool | None = None,
         rollout: RolloutOptions = RolloutOptions(),
         advantage: AdvantageOptions = AdvantageOptions(),
         loss: LossOptions = LossOptions(),
@@ -199,6 +202,7 @@ class RLStage(Stage):
         self.model_sources["policy"] = source_record("causal_lm", policy, dtype, gguf_file)
         self.ref_is_base = self.ref is None and self.lora_cfg is not None and self.loss_cfg.beta > 0
         self._ref_weights: ReloadableWeights | None = None  # release_ref_pages, from the first use on
+        self._release_ref: bool | None = None  # releases_ref(), once decided
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
@@ -286,12 +290,21 @@ class RLStage(Stage):
     def ref_weights_resident(self) -> contextlib.AbstractContextManager:
         """With `release_ref_pages`: the reference's weights read back from its checkpoint for the block and
         released after it (`models/reloadable.py`); otherwise nothing."""
-        if not self.hparams.release_ref_pages or self.ref is None:
+        if not self.releases_ref():
             return contextlib.nullcontext()
         if self._ref_weights is None:
             self.frozen_weights()  # checkpoints record the reference's identity: computed while it is in memory
-            self._ref_weights = ReloadableWeights(self.ref, self.hparams.ref_model or self.hparams.policy)
+            self._ref_weights = ReloadableWeights(self.ref, self.hparams.ref_model or self.hparams.policy,
+                                                  warn=self.hparams.release_ref_pages is not None)
         return self._ref_weights.resident()
+
+    def releases_ref(self) -> bool:
+        """Whether the reference's weights leave memory between uses: `release_ref_pages`, or where it is None,
+        `releases_by_default` (on a CPU, large enough); a checkpoint they cannot be read back from keeps them."""
+        if self._release_ref is None:  # decided once: a released reference has no weights to measure
+            asked = self.hparams.release_ref_pages
+            self._release_ref = self.ref is not None and (asked if asked is not None else releases_by_default(self.ref))
+        return self._release_ref
 
     def all_reduce_sum(self) -> Callable[[Tensor], Tensor] | None:
         """Element-wise sum over ranks for the estimators' batch statistics; None on one process."""
@@ -384,11 +397,16 @@ class RLStage(Stage):
     def on_train_start(self) -> None:
         lines = plan_lines(type(self).__name__, self.trainer, self.rollout_cfg, self.optim_cfg, self.loss_cfg,
                            self.advantage_cfg.estimator, self.reward_fn.names,
-                           self.ref is not None or self.ref_is_base, self.vocab_size())
+                           self.reference_plan(), self.vocab_size())
         lines += self.extra_plan_lines() + lora_plan_lines(self.policy, self.lora_cfg, self.ref_is_base)
         if self.trainer.is_global_zero:
             print("\n".join(lines), flush=True)
         super().on_train_start()
+
+    def reference_plan(self) -> str:
+        if self.ref is None and not self.ref_is_base:
+            return "no reference model"
+        return "reference loaded, released between uses" if self.releases_ref() else "reference loaded"
 
     def extra_plan_lines(self) -> list[str]:
         """Stage-specific lines of the plan printout."""
