@@ -43,7 +43,7 @@ from lightning_rlhf.functional import (
 )
 from lightning_rlhf.models import load_causal_lm, load_tokenizer, require_checkpoint
 from lightning_rlhf.models.chat import encode_prompts
-from lightning_rlhf.models.reloadable import ReloadableWeights, releases_by_default
+from lightning_rlhf.models.reloadable import ReleasedReference
 from lightning_rlhf.models.lora import LoraOptions, adapters_disabled, apply_lora, lora_plan_lines
 from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
@@ -201,8 +201,7 @@ class RLStage(Stage):
             policy, ref_model, self.loss_cfg.beta, produced_by, gguf_file, dtype, ref_dtype, self.lora_cfg)
         self.model_sources["policy"] = source_record("causal_lm", policy, dtype, gguf_file)
         self.ref_is_base = self.ref is None and self.lora_cfg is not None and self.loss_cfg.beta > 0
-        self._ref_weights: ReloadableWeights | None = None  # release_ref_pages, from the first use on
-        self._release_ref: bool | None = None  # releases_ref(), once decided
+        self._ref_release = ReleasedReference(release_ref_pages, ref_model or policy)
         if gradient_checkpointing:
             self.policy.gradient_checkpointing_enable()
         engine_kwargs = dict(self.rollout_cfg.engine_kwargs)
@@ -288,23 +287,10 @@ class RLStage(Stage):
         return getattr(text, "vocab_size", None)
 
     def ref_weights_resident(self) -> contextlib.AbstractContextManager:
-        """With `release_ref_pages`: the reference's weights read back from its checkpoint for the block and
-        released after it (`models/reloadable.py`); otherwise nothing."""
-        if not self.releases_ref():
-            return contextlib.nullcontext()
-        if self._ref_weights is None:
-            self.frozen_weights()  # checkpoints record the reference's identity: computed while it is in memory
-            self._ref_weights = ReloadableWeights(self.ref, self.hparams.ref_model or self.hparams.policy,
-                                                  warn=self.hparams.release_ref_pages is not None)
-        return self._ref_weights.resident()
-
-    def releases_ref(self) -> bool:
-        """Whether the reference's weights leave memory between uses: `release_ref_pages`, or where it is None,
-        `releases_by_default` (on a CPU, large enough); a checkpoint they cannot be read back from keeps them."""
-        if self._release_ref is None:  # decided once: a released reference has no weights to measure
-            asked = self.hparams.release_ref_pages
-            self._release_ref = self.ref is not None and (asked if asked is not None else releases_by_default(self.ref))
-        return self._release_ref
+        """Where the reference is released between uses (`release_ref_pages`): its weights read back from its
+        checkpoint for the block and freed after it (`models/reloadable.py`); otherwise nothing. Before the
+        first release, checkpoints' record of the reference's identity is computed (it needs the weights)."""
+        return self._ref_release.resident(self.ref, before_first=self.frozen_weights)
 
     def all_reduce_sum(self) -> Callable[[Tensor], Tensor] | None:
         """Element-wise sum over ranks for the estimators' batch statistics; None on one process."""
@@ -406,7 +392,7 @@ class RLStage(Stage):
     def reference_plan(self) -> str:
         if self.ref is None and not self.ref_is_base:
             return "no reference model"
-        return "reference loaded, released between uses" if self.releases_ref() else "reference loaded"
+        return "reference loaded, released between uses" if self._ref_release.releases(self.ref) else "reference loaded"
 
     def extra_plan_lines(self) -> list[str]:
         """Stage-specific lines of the plan printout."""

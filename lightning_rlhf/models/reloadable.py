@@ -192,3 +192,29 @@ class ReloadableWeights:
             yield
         finally:
             self.release()
+
+
+class ReleasedReference:
+    """An RL stage's `release_ref_pages`: whether its reference leaves memory between uses (`asked`; where None,
+    `releases_by_default`), decided at the first question (a released model has no weights left to measure),
+    and its `ReloadableWeights` from the first use on. `source`: the directory the reference was loaded from."""
+
+    def __init__(self, asked: bool | None, source: str | Path) -> None:
+        self.asked, self.source = asked, source
+        self.decided: bool | None = None
+        self.weights: ReloadableWeights | None = None
+
+    def releases(self, ref: torch.nn.Module | None) -> bool:
+        if self.decided is None:
+            self.decided = ref is not None and (self.asked if self.asked is not None else releases_by_default(ref))
+        return self.decided
+
+    def resident(self, ref: torch.nn.Module | None, before_first=lambda: None) -> contextlib.AbstractContextManager:
+        """The reference's weights in memory inside the block (see `ReloadableWeights.resident`); a no-op where it
+        is not released. `before_first` runs once, before the first release."""
+        if not self.releases(ref):
+            return contextlib.nullcontext()
+        if self.weights is None:
+            before_first()
+            self.weights = ReloadableWeights(ref, self.source, warn=self.asked is not None)
+        return self.weights.resident()
