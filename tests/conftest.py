@@ -1,10 +1,20 @@
-"""Shared pytest fixtures: one tiny Llama + tokenizer per session, and the `slow` marker."""
+"""Shared pytest fixtures: one tiny Llama + tokenizer per session, the `slow` marker, and `cli`: command lines run
+in children forked from one process that imported the package once (`tests/helpers/fork_server.py`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import pytest
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
@@ -41,3 +51,54 @@ def tiny_tokenizer(tiny_model_dir):
     from lightning_rlhf.models import load_tokenizer
 
     return load_tokenizer(tiny_model_dir)
+
+
+class ForkedRuns:
+    """`run(argv, cwd, env, timeout)`: what `subprocess.run([sys.executable, *argv], cwd=cwd, env=env,
+    capture_output=True, text=True, timeout=timeout)` gives, from a child of this worker's fork server (started
+    at the first call; its PYTHONHASHSEED is 0). A run past `timeout` is killed and raises TimeoutExpired."""
+
+    def __init__(self) -> None:
+        self.server: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "PYTHONHASHSEED": "0", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": path}
+        return subprocess.Popen([sys.executable, str(REPO / "tests" / "helpers" / "fork_server.py")], cwd=REPO,
+                                env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+    def run(self, argv: list[str], cwd: str | Path, env: dict | None = None,
+            timeout: float = 300) -> subprocess.CompletedProcess:
+        with self.lock, tempfile.TemporaryDirectory() as d:
+            if self.server is None or self.server.poll() is not None:
+                self.server = self._start()
+            out, err = Path(d) / "stdout", Path(d) / "stderr"
+            job = {"argv": [str(a) for a in argv], "cwd": str(cwd), "stdout": str(out), "stderr": str(err),
+                   "env": dict(os.environ if env is None else env)}
+            self.server.stdin.write(json.dumps(job) + "\n")
+            self.server.stdin.flush()
+            pid = json.loads(self.server.stdout.readline())["pid"]
+            reply: list[str] = []
+            reader = threading.Thread(target=lambda: reply.append(self.server.stdout.readline()))
+            reader.start()
+            reader.join(timeout)
+            if reader.is_alive():
+                os.kill(pid, signal.SIGKILL)
+                reader.join()
+                raise subprocess.TimeoutExpired([sys.executable, *argv], timeout, out.read_text(), err.read_text())
+            code = json.loads(reply[0])["code"]
+            return subprocess.CompletedProcess([sys.executable, *argv], code, out.read_text(), err.read_text())
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stdin.close()
+            self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """A `ForkedRuns` for this test session (one per xdist worker)."""
+    runs = ForkedRuns()
+    yield runs
+    runs.close()

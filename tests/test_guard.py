@@ -6,7 +6,6 @@ import csv
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -53,7 +52,7 @@ def test_guard_counts_resets_and_stops_after_k_in_a_row():
         assert guard.should_skip({"policy loss": 1.0}, {}, step=1, any_rank=lambda flag: True)
 
 
-def fit(model_dir: Path, out: Path, nan_calls: str, max_steps: int, limit: int = 3) -> subprocess.CompletedProcess:
+def fit(cli, model_dir: Path, out: Path, nan_calls: str, max_steps: int, limit: int = 3) -> subprocess.CompletedProcess:
     """GRPO with one micro-batch per rollout step, so loss call k is step k's update."""
     cfg = {"seed_everything": 0,
            "trainer": {"accelerator": "cpu", "max_steps": max_steps, "log_every_n_steps": 1, "num_sanity_val_steps": 0,
@@ -70,13 +69,12 @@ def fit(model_dir: Path, out: Path, nan_calls: str, max_steps: int, limit: int =
     out.mkdir(parents=True)
     (out / "run.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "RLHF_TEST_NAN_CALLS": nan_calls}
-    return subprocess.run([sys.executable, str(SCRIPT), "fit", "--config", str(out / "run.yaml")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return cli.run([str(SCRIPT), "fit", "--config", str(out / "run.yaml")], cwd=ROOT, env=env)  # tests/conftest.py
 
 
 @pytest.mark.slow
-def test_a_nan_update_is_skipped_and_the_run_goes_on(tiny_model_dir, tmp_path):
-    done = fit(tiny_model_dir, tmp_path / "run", nan_calls="2", max_steps=3)
+def test_a_nan_update_is_skipped_and_the_run_goes_on(tiny_model_dir, tmp_path, cli):
+    done = fit(cli, tiny_model_dir, tmp_path / "run", nan_calls="2", max_steps=3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "step 2: non-finite policy loss; update skipped (1 in a row, 1 in this run)" in done.stderr
     with open(tmp_path / "run" / "metrics.csv") as f:
@@ -90,8 +88,8 @@ def test_a_nan_update_is_skipped_and_the_run_goes_on(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_k_bad_updates_in_a_row_stop_the_run_and_keep_its_checkpoints(tiny_model_dir, tmp_path):
-    done = fit(tiny_model_dir, tmp_path / "run", nan_calls="from:3", max_steps=6, limit=2)
+def test_k_bad_updates_in_a_row_stop_the_run_and_keep_its_checkpoints(tiny_model_dir, tmp_path, cli):
+    done = fit(cli, tiny_model_dir, tmp_path / "run", nan_calls="from:3", max_steps=6, limit=2)
     assert done.returncode == 2, done.stderr[-3000:]
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("error: 2 updates in a row had a non-finite value (the last at step 4: policy loss)")

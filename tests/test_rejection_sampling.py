@@ -89,13 +89,14 @@ def _lines(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir):
+def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_dir, cli):
     # An uninterrupted run is the reference. A second run is killed with SIGKILL as soon as its first
     # batch is recorded; what a kill between or during writes leaves is appended (a row of an unrecorded
     # batch, a torn line), and the same command is run again: the output must equal the reference.
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     ref = tmp_path / "ref.jsonl"
-    subprocess.run(_cmd(tiny_model_dir, ref), check=True, env=env, capture_output=True)
+    done = cli.run(_cmd(tiny_model_dir, ref)[1:], cwd=tmp_path, env=env)  # forked: tests/conftest.py
+    assert done.returncode == 0, done.stderr[-3000:]
     out = tmp_path / "killed.jsonl"
     proc = subprocess.Popen(_cmd(tiny_model_dir, out), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     progress = tmp_path / "killed.jsonl.progress"
@@ -110,7 +111,8 @@ def test_sigkill_then_rerun_loses_and_duplicates_nothing(tmp_path, tiny_model_di
         # a whole row of the batch whose progress line was never written, then a half-written row
         f.write(json.dumps({"prompt": "x", "completion": "stray", "batch": finished, "prompt_index": 0}) + "\n")
         f.write('{"prompt": "torn')
-    subprocess.run(_cmd(tiny_model_dir, out), check=True, env=env, capture_output=True)
+    done = cli.run(_cmd(tiny_model_dir, out)[1:], cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
     got, want = _lines(out), _lines(ref)
     assert len(got) == len(want) and got == want
     keys = [(r["prompt_index"], r["completion"].strip()) for r in got]

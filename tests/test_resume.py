@@ -7,8 +7,9 @@ and scheduler states matter;
 `export` of the last checkpoint equals the run's own export. Also: a kill half-way through writing a checkpoint
 leaves the previous one loadable, and the run resumes from it.
 
-Each run is a real `fit` in a subprocess (tests/helpers/fit_with_test_rewards.py, whose `kill_callbacks`
-send the SIGKILL from inside the run at a chosen point).
+Each run is a real `fit` in its own process (tests/helpers/fit_with_test_rewards.py, whose `kill_callbacks`
+send the SIGKILL from inside the run at a chosen point), forked from a server that imported the package once
+(the `cli` fixture, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from __future__ import annotations
 import csv
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -79,14 +79,17 @@ def on_two_ranks(cfg: dict) -> dict:
     return cfg
 
 
-def fit(stage: str, model_dir: Path, out: Path, callbacks: list[dict] = (), *extra: str,
+def fit(cli, stage: str, model_dir: Path, out: Path, callbacks: list[dict] = (), *extra: str,
         ranks: int = 1) -> subprocess.CompletedProcess:
+    """The run in a child of the `cli` fixture's fork server (PYTHONHASHSEED 0), one thread, torch's own float32
+    linear: the oneDNN-or-MKL choice is timed per process (`models/cpu_linear.py`), and a busy machine could
+    time the two runs of a comparison apart."""
     out.mkdir(parents=True, exist_ok=True)
     cfg = config(stage, model_dir, out, list(callbacks))
     (out / "run.yaml").write_text(yaml.safe_dump(on_two_ranks(cfg) if ranks == 2 else cfg))
-    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
-    return subprocess.run([sys.executable, str(SCRIPT), "fit", "--config", str(out / "run.yaml"), *extra], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0",
+           "LIGHTNING_RLHF_ONEDNN": "0"}
+    return cli.run([str(SCRIPT), "fit", "--config", str(out / "run.yaml"), *extra], cwd=ROOT, env=env)
 
 
 def kill_at(step: int) -> dict:
@@ -113,17 +116,17 @@ def assert_same(one: Path, two: Path) -> list[dict]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("stage,kill", [("grpo", 5), ("ppo", 3), ("sft", 3), ("grpo_lora", 3)])
-def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, tmp_path):
-    whole = fit(stage, tiny_model_dir, tmp_path / "whole")
+def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, tmp_path, cli):
+    whole = fit(cli, stage, tiny_model_dir, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
 
     run = tmp_path / "killed"
-    killed = fit(stage, tiny_model_dir, run, [kill_at(kill)])
+    killed = fit(cli, stage, tiny_model_dir, run, [kill_at(kill)])
     assert killed.returncode == -9, killed.stderr[-3000:]  # SIGKILL: no clean-up ran
     saved = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
     last = 2 * (kill // 2)  # every 2 steps: step 4 after a kill at 5 (an epoch's end), step 2 after 3 (mid-epoch)
     assert f"step={last}.ckpt" in saved
-    resumed = fit(stage, tiny_model_dir, run, [], "--ckpt_path", "last")
+    resumed = fit(cli, stage, tiny_model_dir, run, [], "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert not (run / "previous").exists()  # resumed in place: the killed run's files were kept and continued
     rows = assert_same(tmp_path / "whole", run)
@@ -138,8 +141,7 @@ def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, t
     if stage == "ppo":  # the adaptive controller moved beta, and it came back from the checkpoint
         assert float([r for r in rows if "train/kl_coef" in r][-1]["train/kl_coef"]) != 0.05
     # `export` of the last checkpoint writes the same models as the run's own export at the end
-    exported = subprocess.run([sys.executable, "-m", "lightning_rlhf", "export", str(run), "--out",
-                               str(tmp_path / "exported")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    exported = cli.run(["-m", "lightning_rlhf", "export", str(run), "--out", str(tmp_path / "exported")], cwd=ROOT)
     assert exported.returncode == 0, exported.stderr[-3000:]
     for name, got in (("model", tmp_path / "exported"), ("critic", tmp_path / "exported" / "critic")):
         if (run / name).exists():
@@ -150,24 +152,24 @@ def test_sigkill_then_resume_equals_uninterrupted(stage, kill, tiny_model_dir, t
 
 
 @pytest.mark.slow
-def test_sigkill_then_resume_on_two_ranks_equals_uninterrupted(tiny_model_dir, tmp_path):
+def test_sigkill_then_resume_on_two_ranks_equals_uninterrupted(tiny_model_dir, tmp_path, cli):
     """Data parallel (2 gloo ranks): each rank restores its RNG and its share of the epoch's prompt order."""
-    whole = fit("grpo", tiny_model_dir, tmp_path / "whole", ranks=2)
+    whole = fit(cli, "grpo", tiny_model_dir, tmp_path / "whole", ranks=2)
     assert whole.returncode == 0, whole.stderr[-3000:]
     run = tmp_path / "killed"
-    killed = fit("grpo", tiny_model_dir, run, [kill_at(3)], ranks=2)
+    killed = fit(cli, "grpo", tiny_model_dir, run, [kill_at(3)], ranks=2)
     assert killed.returncode == -9, killed.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").glob("*.ckpt")) == ["step=2.ckpt"]  # mid-epoch
-    resumed = fit("grpo", tiny_model_dir, run, [], "--ckpt_path", "last", ranks=2)
+    resumed = fit(cli, "grpo", tiny_model_dir, run, [], "--ckpt_path", "last", ranks=2)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert_same(tmp_path / "whole", run)
 
 
 @pytest.mark.slow
-def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path):
+def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path, cli):
     run = tmp_path / "killed"
     # saves come at steps 2, 4 and 6: the second (step 4) is killed half-way through writing its file
-    killed = fit("grpo", tiny_model_dir, run, [{"class_path": "kill_callbacks.KillInSave", "init_args": {"nth": 2}}])
+    killed = fit(cli, "grpo", tiny_model_dir, run, [{"class_path": "kill_callbacks.KillInSave", "init_args": {"nth": 2}}])
     assert killed.returncode == -9, killed.stderr[-3000:]
     files = sorted(p.name for p in (run / "checkpoints").iterdir())
     assert files[0] == "step=2.ckpt" and len(files) == 2 and files[1].startswith("step=4.ckpt.tmp-"), files
@@ -175,10 +177,10 @@ def test_kill_during_a_save_keeps_the_previous_checkpoint(tiny_model_dir, tmp_pa
     assert 0 < half < (run / "checkpoints" / "step=2.ckpt").stat().st_size  # a torn file, never named step=4.ckpt
     assert torch.load(run / "checkpoints" / "step=2.ckpt", weights_only=True)["global_step"] == 2
 
-    resumed = fit("grpo", tiny_model_dir, run, [], "--ckpt_path", "last")
+    resumed = fit(cli, "grpo", tiny_model_dir, run, [], "--ckpt_path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step=4.ckpt", "step=6.ckpt"]  # torn file gone
-    whole = fit("grpo", tiny_model_dir, tmp_path / "whole")
+    whole = fit(cli, "grpo", tiny_model_dir, tmp_path / "whole")
     assert whole.returncode == 0, whole.stderr[-3000:]
     assert_same(tmp_path / "whole", run)
 
