@@ -120,3 +120,17 @@ def test_a_release_nobody_asked_for_says_why_it_cannot_be_done_quietly(saved_mod
     caplog.clear()
     assert ReloadableWeights(model, tmp_path / "nowhere").release() == 0
     assert [r.levelname for r in caplog.records if "stay in memory" in r.getMessage()] == ["WARNING"]
+
+
+def test_an_unasked_release_is_planned_only_from_safetensors_files(saved_model, tmp_path, monkeypatch):
+    from lightning_rlhf.models import reloadable
+    from lightning_rlhf.models.reloadable import ReleasedReference
+
+    monkeypatch.setattr(reloadable, "AUTO_RELEASE_BYTES", 1)
+    model = load_causal_lm(saved_model)
+    assert ReleasedReference(None, saved_model).releases(model)
+    assert not ReleasedReference(None, tmp_path / "nowhere").releases(model)  # a hub id, or a GGUF file's dir
+    (tmp_path / "gguf").mkdir()
+    assert not ReleasedReference(None, tmp_path / "gguf").releases(model)
+    assert ReleasedReference(True, tmp_path / "gguf").releases(model)  # asked: its first release says why not
+    assert not ReleasedReference(False, saved_model).releases(model) and not ReleasedReference(True, saved_model).releases(None)

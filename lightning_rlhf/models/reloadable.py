@@ -205,8 +205,14 @@ class ReleasedReference:
         self.weights: ReloadableWeights | None = None
 
     def releases(self, ref: torch.nn.Module | None) -> bool:
+        """Unasked, also only from a directory with safetensors files (not a GGUF file or a hub id), so that the
+        plan printout does not promise a release that the first one's check would refuse."""
         if self.decided is None:
-            self.decided = ref is not None and (self.asked if self.asked is not None else releases_by_default(ref))
+            if ref is None or self.asked is not None:
+                self.decided = ref is not None and bool(self.asked)
+            else:
+                local = Path(self.source).is_dir() and bool(safetensors_entries(self.source))
+                self.decided = local and releases_by_default(ref)
         return self.decided
 
     def resident(self, ref: torch.nn.Module | None, before_first=lambda: None) -> contextlib.AbstractContextManager:
