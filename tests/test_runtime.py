@@ -42,3 +42,30 @@ def test_fastest_dtype_needs_a_margin_over_float32(speeds, expected):
     from lightning_rlhf.algorithms.runtime import fastest_dtype
 
     assert fastest_dtype(speeds) == expected
+
+
+@pytest.mark.parametrize("precision, sampling, speeds, named", [
+    ("bf16-mixed", None, {"float32": 133.0, "bfloat16": 0.7}, ["bfloat16 0.7 GFLOP/s against float32 133"]),
+    ("32-true", "bfloat16", {"float32": 133.0, "bfloat16": 0.7}, ["trainer.precision 32-true, rollout.dtype bfloat16: bfloat16 0.7"]),
+    ("16-mixed", None, {"float32": 133.0, "float16": 60.0}, ["float16 60.0"]),  # 60 < 0.5 x 133 = 66.5
+    ("16-mixed", None, {"float32": 133.0, "float16": 70.0}, []),  # 70 >= 66.5: not called out
+    ("bf16-mixed", "bfloat16", {"float32": 150.0, "bfloat16": 700.0}, []),  # native bf16 (AMX): fine
+])
+def test_a_half_precision_this_cpu_only_emulates_is_called_out(monkeypatch, precision, sampling, speeds, named):
+    from lightning_rlhf.algorithms import runtime
+
+    monkeypatch.setattr(runtime, "matmul_gflops", lambda dtype, **_: speeds[str(dtype).split(".")[-1]])
+    warning = runtime.half_precision_warning(precision, sampling)
+    if not named:
+        assert warning is None
+        return
+    assert all(word in warning for word in named), warning
+    assert "--trainer.precision 32-true --model.init_args.rollout.dtype null" in warning
+
+
+def test_float32_runs_measure_nothing(monkeypatch):
+    from lightning_rlhf.algorithms import runtime
+
+    monkeypatch.setattr(runtime, "matmul_gflops", lambda *a, **k: pytest.fail("measured a float32 run"))
+    assert runtime.half_precision_warning("32-true", None) is None
+    assert runtime.half_precision_warning("32-true", "float32") is None

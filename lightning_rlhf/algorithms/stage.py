@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
@@ -35,6 +36,7 @@ from lightning_rlhf.algorithms.metrics import Means
 from lightning_rlhf.algorithms.resume import (
     KEY, drop_frozen, frozen_entries, identity, restore_frozen, rng_state, set_rng_state,
 )
+from lightning_rlhf.algorithms.runtime import half_precision_warning
 from lightning_rlhf.algorithms.schedules import make_scheduler
 from lightning_rlhf.algorithms.sharding import full_parameters
 from lightning_rlhf.errors import ConfigError
@@ -42,6 +44,7 @@ from lightning_rlhf.models import save_hf
 from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.models.lora import LoraOptions, as_lora, export_lora, is_peft
 
+log = logging.getLogger(__name__)
 OptimizerFn = Callable[[Any], torch.optim.Optimizer]
 
 
@@ -207,6 +210,11 @@ class Stage(LightningModule):
             self.eval_history.append((self.global_step, metrics))
 
     def on_train_start(self) -> None:
+        if self.device.type == "cpu" and self.trainer.is_global_zero:  # a precision this CPU only emulates
+            sampling = getattr(getattr(self, "rollout_cfg", None), "dtype", None)  # the RL stages' rollout.dtype
+            warning = half_precision_warning(self.trainer.precision, sampling)
+            if warning:
+                log.warning(warning)
         self.validate_at_start()
 
     def validate_at_start(self) -> None:
