@@ -4,6 +4,9 @@
 fp32 / bf16 / fp16 matmul throughput, because the fastest precision differs between CPUs (native bf16 on
 AMX or AVX512-BF16, emulated and slow elsewhere).
 
+`half_precision_warning()`, at the start of every fit on a CPU, warns where the run's bf16 or fp16 matmuls are
+under half of float32's speed here, naming the flags that switch to float32.
+
 `keep_freed_memory()` tells glibc's allocator to keep freed blocks (up to 32 MiB each; no trimming of the
 top of the heap, `mallopt(M_TRIM_THRESHOLD, -1)`) instead of returning them to the OS. A training step allocates and frees gigabytes of
 activations; with glibc's defaults every step gets fresh pages from the kernel again, and the page faults
@@ -123,9 +126,10 @@ def half_precision_warning(precision: str, sampling_dtype: str | None = None) ->
     """On a CPU: a warning when the run's half precision (`trainer.precision` bf16/16, or the rollout's sampling
     dtype) has matmuls under SLOW_HALF of float32's speed here, as on CPUs that emulate bf16 (an AVX2-only AMD
     EPYC: 0.7 against 133 GFLOP/s); None otherwise. Measured with 256 x 256 matmuls, about 0.1-0.3 s."""
-    halves = {name for name, tags in (("bfloat16", ("bf16",)), ("float16", ("16-mixed", "16-true")))
-              if any(str(precision).startswith(t) for t in tags)}
-    halves |= {sampling_dtype} & {"bfloat16", "float16"}
+    trained = {name for name, tags in (("bfloat16", ("bf16",)), ("float16", ("16-mixed", "16-true")))
+               if any(str(precision).startswith(t) for t in tags)}
+    sampled = {sampling_dtype} & {"bfloat16", "float16"}
+    halves = trained | sampled
     if not halves:
         return None
     fp32 = matmul_gflops(torch.float32, n=256, seconds=0.05)
@@ -134,8 +138,9 @@ def half_precision_warning(precision: str, sampling_dtype: str | None = None) ->
     if not slow:
         return None
     measured = ", ".join(f"{name} {speed:.1f}" for name, speed in slow.items())
+    flags = (["--trainer.precision 32-true"] if trained else []) + \
+        (["--model.init_args.rollout.dtype null"] if sampled else [])
     what = f"trainer.precision {precision}" + (f", rollout.dtype {sampling_dtype}" if sampling_dtype else "")
     return (f"{what}: {measured} GFLOP/s against float32 "
             f"{fp32:.0f} here (this CPU has no fast {' or '.join(slow)} matmuls), so this run will be far slower "
-            "than in float32; add --trainer.precision 32-true --model.init_args.rollout.dtype null "
-            "(`python -m lightning_rlhf doctor` measures every precision)")
+            f"than in float32; add {' '.join(flags)} (`python -m lightning_rlhf doctor` measures every precision)")
