@@ -126,15 +126,14 @@ def half_precision_warning(precision: str, sampling_dtype: str | None = None) ->
     """On a CPU: a warning when the run's half precision (`trainer.precision` bf16/16, or the rollout's sampling
     dtype) has matmuls under SLOW_HALF of float32's speed here, as on CPUs that emulate bf16 (an AVX2-only AMD
     EPYC: 0.7 against 133 GFLOP/s); None otherwise. Measured with 256 x 256 matmuls, about 0.1-0.3 s."""
-    trained = {name for name, tags in (("bfloat16", ("bf16",)), ("float16", ("16-mixed", "16-true")))
-               if any(str(precision).startswith(t) for t in tags)}
+    precision = str(precision)  # Lightning's names: 32-true, bf16-mixed, bf16-true, 16-mixed, 16-true
+    trained = {"bfloat16"} if precision.startswith("bf16") else {"float16"} if precision.startswith("16") else set()
     sampled = {sampling_dtype} & {"bfloat16", "float16"}
-    halves = trained | sampled
-    if not halves:
+    if not trained | sampled:
         return None
     fp32 = matmul_gflops(torch.float32, n=256, seconds=0.05)
-    slow = {name: matmul_gflops(getattr(torch, name), n=256, seconds=0.05) for name in sorted(halves)}
-    slow = {name: speed for name, speed in slow.items() if speed < SLOW_HALF * fp32}
+    speeds = {name: matmul_gflops(getattr(torch, name), n=256, seconds=0.05) for name in sorted(trained | sampled)}
+    slow = {name: speed for name, speed in speeds.items() if speed < SLOW_HALF * fp32}
     if not slow:
         return None
     measured = ", ".join(f"{name} {speed:.1f}" for name, speed in slow.items())

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cases import run_job  # noqa: E402
+from run_cases import preload, run_job  # noqa: E402
 
 
 def _child(job: dict) -> int:
@@ -55,11 +55,5 @@ def serve() -> None:
 
 
 if __name__ == "__main__":
-    # what the jobs import anyway, so a child starts with it loaded (as run_cases.py does)
-    import lightning_rlhf.algorithms  # noqa: F401
-    import lightning_rlhf.cli  # noqa: F401
-    import lightning_rlhf.data  # noqa: F401
-    import lightning_rlhf.rewards  # noqa: F401
-    from transformers import LlamaForCausalLM, LlamaForSequenceClassification  # noqa: F401
-
+    preload()
     serve()

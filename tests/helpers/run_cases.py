@@ -82,8 +82,8 @@ def run_all(jobs: list[dict], workers: int) -> list[int]:
     return codes
 
 
-if __name__ == "__main__":
-    # what every job imports anyway, so a child starts with it loaded
+def preload() -> None:
+    """Import what every job imports anyway, so that a forked child starts with it loaded."""
     import lightning_rlhf.algorithms  # noqa: F401
     import lightning_rlhf.cli  # noqa: F401
     import lightning_rlhf.data  # noqa: F401
@@ -92,5 +92,8 @@ if __name__ == "__main__":
         LlamaForCausalLM, LlamaForSequenceClassification, LlamaForTokenClassification,
     )
 
+
+if __name__ == "__main__":
+    preload()
     jobs = json.loads(Path(sys.argv[1]).read_text())
     print(json.dumps(run_all(jobs, int(sys.argv[2]) if len(sys.argv) > 2 else 3)))
