@@ -11,7 +11,7 @@ tokens/s, the ratio, and the achieved model FLOP/s as a share of this machine's 
 precision (`python -m lightning_rlhf doctor`), the highest of the readings taken at the start and after each
 static timing (CPU speed drifts; the highest reading gives the lowest share). Model FLOPs are 2 x (parameters
 without the input embedding) per token, prompt and generated; attention is left out. The median of `--repeats`
-runs is reported.
+runs is reported. `--unfused` also times the static engine without its fused CPU kernels (float32).
 """
 
 from __future__ import annotations
@@ -68,6 +68,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--unfused", action="store_true", help="also time the static engine in float32 without its fused "
+                   "CPU kernels (rollout.engine_kwargs.cpu_kernels: false)")
     a = p.parse_args()
     keep_freed_memory()
     peaks = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16")}
@@ -86,15 +88,21 @@ def main() -> None:
             for dtype in dtypes:
                 hf = time_engine(ROLLOUT_ENGINES.get("hf")(dtype=dtype), model, ids, mask, a.tokens, 8, a.repeats)
                 fast = time_engine(ROLLOUT_ENGINES.get("static")(dtype=dtype), model, ids, mask, a.tokens, 8, a.repeats)
+                unfused = fast
+                if a.unfused and dtype == "float32":
+                    unfused = time_engine(ROLLOUT_ENGINES.get("static")(dtype=dtype, cpu_kernels=False), model, ids,
+                                          mask, a.tokens, 8, a.repeats)
                 peaks[dtype] = max(peaks[dtype], matmul_gflops(getattr(torch, dtype)))  # this machine drifts
                 total = flops * (ids.numel() + batch * a.tokens)
                 rows.append({"model": name, "batch": batch, "dtype": dtype, "hf_tok_s": batch * a.tokens / hf,
                              "static_tok_s": batch * a.tokens / fast, "ratio": hf / fast,
+                             "unfused_tok_s": batch * a.tokens / unfused,
                              "static_peak_share": total / fast / 1e9 / peaks[dtype],
                              "hf_peak_share": total / hf / 1e9 / peaks[dtype]})
                 r = rows[-1]
                 print(f"{name:<40} batch {batch:>3} {dtype:<9} hf {r['hf_tok_s']:8.0f} tok/s  static "
-                      f"{r['static_tok_s']:8.0f} tok/s  x{r['ratio']:.2f}  share of matmul peak "
+                      f"{r['static_tok_s']:8.0f} tok/s  x{r['ratio']:.2f} (unfused {r['unfused_tok_s']:.0f})  "
+                      f"share of matmul peak "
                       f"({peaks[dtype]:.0f} GFLOP/s): static {r['static_peak_share']:.0%}, hf {r['hf_peak_share']:.0%}",
                       flush=True)
     print("RESULTS " + json.dumps(rows))

@@ -104,8 +104,13 @@ def doctor(argv: list[str]) -> dict[str, float]:
     if a.device == "cpu":
         from lightning_rlhf.models.cpu_linear import ENV, onednn_pays
 
+        from lightning_rlhf.rollout import cpu_kernels
+
         kernel = "oneDNN (faster than torch's default here)" if onednn_pays() else "torch's default"
         print(f"  float32 linear layers: {kernel}; {ENV}=0 or 1 overrides")
+        built = cpu_kernels.kernels()
+        fused = f"built ({built._name})" if built is not None else "not available (see the warning above)"
+        print(f"  fused float32 decode kernels: {fused}; {cpu_kernels.ENV}=0 turns them off")
     print(f"  advice: {advice}")
     return speeds
 

@@ -57,7 +57,8 @@ def run(engine: str, model, **kw):
 
 @pytest.mark.parametrize("make", [llama, qwen2])
 @pytest.mark.parametrize("packed", [False, True])
-def test_greedy_fp32_gives_hf_generate_tokens(make, packed, monkeypatch):
+@pytest.mark.parametrize("fused", [False, None])  # None: the fused CPU kernels, where they build
+def test_greedy_fp32_gives_hf_generate_tokens(make, packed, fused, monkeypatch):
     # packed: every projection in oneDNN's layout, q/k/v and gate/up as one stacked matmul each (what a large
     # model gets where packing pays); otherwise separate matmuls on the parameters themselves
     if packed and not cpu_linear.onednn_available():
@@ -66,7 +67,7 @@ def test_greedy_fp32_gives_hf_generate_tokens(make, packed, monkeypatch):
     model = make()
     layer = lean_llama.LeanLlama.from_model(model).layers[0]
     assert (len(layer.qkv.linears), len(layer.gate_up.linears)) == ((1, 1) if packed else (3, 2))
-    hf, fast = run("hf", model, greedy=True), run("static", model, greedy=True)
+    hf, fast = run("hf", model, greedy=True), run("static", model, greedy=True, engine_kwargs={"cpu_kernels": fused})
     assert torch.equal(hf.response_ids, fast.response_ids)
     assert torch.equal(hf.response_mask, fast.response_mask) and torch.equal(hf.truncated, fast.truncated)
     assert len(set(fast.response_lengths.tolist())) > 1  # rows ended at different steps

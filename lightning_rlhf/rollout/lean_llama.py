@@ -34,6 +34,7 @@ from torch import Tensor
 
 from lightning_rlhf.models.cpu_linear import PackedLinear
 from lightning_rlhf.models.lora import lora_parts, lora_unsupported_reason, unwrap_peft
+from lightning_rlhf.rollout import cpu_kernels
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -110,11 +111,19 @@ class _Layer:
 class LeanLlama:
     """Sampling-only forward of a Llama-family model; see the module docstring."""
 
-    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, rows: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype, rows: int = 1, fused: bool | None = None) -> None:
         cfg, base = model.config, model.model
         self.dtype, self.eps, self.rows = dtype, cfg.rms_norm_eps, rows
         self.heads, self.kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
         self.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        device = base.embed_tokens.weight.device
+        usable = fused is not False and cpu_kernels.usable(dtype, self.head_dim, device)
+        if fused and not usable:
+            raise ValueError(f"fused CPU decode kernels asked for, but they need a float32 model on a CPU with a "
+                             f"head size that is a multiple of 16 and a C compiler (here: {dtype}, {device}, "
+                             f"head size {self.head_dim}); leave rollout.engine_kwargs.cpu_kernels unset to use "
+                             "them where they work")
+        self.fused = usable
         self.rotary = base.rotary_emb
         # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
         self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=base.embed_tokens.weight.device)
@@ -125,11 +134,13 @@ class LeanLlama:
         self.layers = [self._layer(layer) for layer in base.layers]
 
     @classmethod
-    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype | None = None, rows: int = 1) -> LeanLlama:
-        """`rows`: the decode batch expected (it sizes oneDNN's weight layout, see `PackedLinear`)."""
+    def from_model(cls, model: torch.nn.Module, dtype: torch.dtype | None = None, rows: int = 1,
+                   fused: bool | None = None) -> LeanLlama:
+        """`rows`: the decode batch expected (it sizes oneDNN's weight layout, see `PackedLinear`). `fused`: decode
+        with the fused CPU kernels (`cpu_kernels.py`); None uses them where they work, False never."""
         model = unwrap_peft(model)
         with torch.no_grad():
-            return cls(model, dtype or next(model.parameters()).dtype, rows)
+            return cls(model, dtype or next(model.parameters()).dtype, rows, fused)
 
     def _layer(self, layer: torch.nn.Module) -> _Layer:
         att, mlp, dt, n = layer.self_attn, layer.mlp, self.dtype, self.rows
@@ -201,7 +212,10 @@ class LeanLlama:
         Attention is written out (scores, softmax in float32, weights back to the sampling dtype, times
         values, as transformers' eager attention does): two batched matmuls over the written columns of the
         cache, keys stored transposed. `scaled_dot_product_attention` took about twice as long for one query
-        per row (SmolLM2-135M, 64 rows)."""
+        per row (SmolLM2-135M, 64 rows). With `fused`, `_decode_fused` does the same step with the fused CPU
+        kernels instead."""
+        if self.fused:
+            return self._decode_fused(tokens, positions, cache, column)
         n, hd, rep, width = tokens.shape[0], self.head_dim, self.heads // self.kv_heads, column + 1
         cos, sin = self.rope(positions[:, None])
         bias = None if cache.bias is None else cache.bias[:, None, None, :width]
@@ -217,6 +231,22 @@ class LeanLlama:
             x = x + layer.o(out.reshape(n, 1, -1))
             x = self._mlp_block(layer, x)
         return self.logits(x[:, 0])
+
+    def _decode_fused(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
+        """`decode` through `cpu_kernels`: per layer, four projections (torch's) and four fused kernels. The
+        residual stream `x` is updated in place: each residual add rides on the next RMSNorm."""
+        n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
+        cos, sin = (t.reshape(n, -1, hd) for t in self.rope(positions[:, None]))
+        x, pending = F.embedding(tokens, self.embed), None
+        for layer, (kc, vc) in zip(self.layers, cache.kv):
+            h = k.add_rms_norm(x, pending, layer.ln1, self.eps)
+            qk, v = layer.qkv(h, groups=(2, 1))
+            q = k.rope_store(qk.view(n, -1, hd), v.view(n, -1, hd), cos, sin, kc, vc, self.heads, column)
+            out = k.attend(q, kc, vc, cache.bias, column + 1)
+            h = k.add_rms_norm(x, layer.o(out.view(n, -1)), layer.ln2, self.eps)
+            gate, up = layer.gate_up(h)
+            pending = layer.down(k.silu_mul(gate, up))
+        return self.lm_head(k.add_rms_norm(x, pending, self.norm, self.eps)).float()
 
 
 class StaticKVCache:

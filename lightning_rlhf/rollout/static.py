@@ -9,7 +9,9 @@ For Llama-family models (`lean_llama.py`) it
   - compacts the batch when rows finish: once fewer than `compact_below` of the rows in the cache are
     still generating, the finished rows are dropped (a copy of the cache, amortised over the steps after);
   - groups prompts of similar length into one call when `max_batch_size` splits the rows (less padding);
-  - samples in `dtype` (default: the model's), e.g. bfloat16 on a CPU with native bf16 matmuls.
+  - samples in `dtype` (default: the model's), e.g. bfloat16 on a CPU with native bf16 matmuls;
+  - in float32 on a CPU, decodes with fused C kernels (`cpu_kernels.py`): each residual add with the next
+    RMSNorm, RoPE with the cache writes, SiLU with the product, and a whole attention in one pass each.
 Other architectures fall back to the "hf" engine, with one message saying why.
 
 Simplified: the Python loop issues a fixed set of kernels per token and layer (no CUDA graphs, no
@@ -29,6 +31,7 @@ from torch import Tensor
 from lightning_rlhf.rollout.base import (
     ROLLOUT_ENGINES, Rollout, RolloutEngine, SamplingParams, response_mask_from_eos,
 )
+from lightning_rlhf.rollout import cpu_kernels
 from lightning_rlhf.rollout.hf import HFGenerateEngine
 from lightning_rlhf.rollout.keyed import keyed_uniform, row_keys
 from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache, unsupported_reason
@@ -51,17 +54,27 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | None = None,
+                  fused: bool = False) -> tuple[Tensor, Tensor]:
     """(n, V) float32 logits -> (tokens (n,), their log-probs under softmax(logits / T)). `ban_eos` keeps eos
     from being sampled (min_new_tokens); the log-probs are of the unfiltered distribution. `u` (n, 1) in
-    (0, 1]: the uniforms to use (keyed sampling); None draws them from torch's generator.
+    (0, 1]: the uniforms to use (keyed sampling); None draws them from torch's generator. `fused`: without
+    top-k/top-p, on a CPU, draw with `cpu_kernels.sample` (the same inversion in one kernel: the same tokens but
+    where float rounding puts u at a boundary).
 
     Sampling inverts the cumulative distribution with one uniform number per row (`torch.multinomial` draws
     one exponential number per vocabulary entry: a quarter of the decode time of a 135M model on a CPU).
     Without top-k/top-p one softmax gives both the sampling weights (eos zeroed when banned; the inversion
     needs no normalising) and the log-probs (the log of the chosen tokens' probabilities)."""
+    plain = not p.greedy and p.top_k == 0 and p.top_p >= 1.0
+    if plain and fused and logits.device.type == "cpu" and logits.dtype == torch.float32:
+        u = 1.0 - torch.rand(logits.shape[0], 1, dtype=torch.float64) if u is None else u.to(torch.float64)
+        eos = torch.as_tensor(p.eos_ids) if ban_eos else None
+        drawn = cpu_kernels.sample(logits.contiguous(), p.temperature, u.contiguous(), eos)
+        if drawn is not None:
+            return drawn
     scaled = logits if p.greedy or p.temperature == 1.0 else logits / p.temperature
-    if not p.greedy and p.top_k == 0 and p.top_p >= 1.0:
+    if plain:
         probs = scaled.softmax(dim=-1)
         if ban_eos:  # in place: a banned token is never chosen, so the chosen tokens' probabilities stay
             probs.index_fill_(-1, torch.as_tensor(p.eos_ids, device=probs.device), 0.0)
@@ -126,16 +139,20 @@ class StaticCacheEngine(RolloutEngine):
         max_batch_size: rows per call (None: all); prompts are grouped by length across calls.
         dtype: sampling precision: float32, bfloat16, float16 or None (the model's own).
         compact_below: compact the cache once this share of its rows or fewer is still generating.
+        cpu_kernels: decode with the fused CPU kernels (`cpu_kernels.py`: a float32 model on a CPU, built once
+            with the system's C compiler). None (default): where they work; false: never; true: fail if they cannot.
     """
 
     supports_keys = True
 
-    def __init__(self, max_batch_size: int | None = None, dtype: str | None = None, compact_below: float = 0.75):
+    def __init__(self, max_batch_size: int | None = None, dtype: str | None = None, compact_below: float = 0.75,
+                 cpu_kernels: bool | None = None):
         if max_batch_size is not None and max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1 or None, got {max_batch_size}")
         if dtype is not None and dtype not in DTYPES:
             raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)} (or None: the model's own)")
         self.max_batch_size, self.dtype, self.compact_below = max_batch_size, dtype, compact_below
+        self.cpu_kernels = cpu_kernels
         self.fallback = HFGenerateEngine(max_batch_size=max_batch_size, dtype=dtype)
         self._warned: set[str] = set()
 
@@ -153,7 +170,7 @@ class StaticCacheEngine(RolloutEngine):
         with torch.no_grad():
             rows = prompt_ids.shape[0] * params.num_generations
             lean = LeanLlama.from_model(model, DTYPES[self.dtype] if self.dtype else None,
-                                        rows=min(rows, self.max_batch_size or rows))
+                                        rows=min(rows, self.max_batch_size or rows), fused=self.cpu_kernels)
             tokens, logprobs = self._by_length(lean, prompt_ids, prompt_mask, params)
         g, eos = params.num_generations, params.eos_ids
         real, truncated = response_mask_from_eos(tokens, eos)
@@ -194,7 +211,8 @@ class StaticCacheEngine(RolloutEngine):
         eos = torch.as_tensor(p.eos_ids, device=ids.device)
         rkeys = None if keys is None or p.greedy else row_keys(keys.to(ids.device), g)
         u = None if rkeys is None else keyed_uniform(rkeys, 0)
-        nxt, lp = sample_tokens(logits.repeat_interleave(g, dim=0), p, ban_eos=p.min_new_tokens > 0, u=u)
+        nxt, lp = sample_tokens(logits.repeat_interleave(g, dim=0), p, ban_eos=p.min_new_tokens > 0, u=u,
+                                fused=lean.fused)
         done = torch.zeros(n, dtype=torch.bool, device=ids.device)
         for t in range(steps):
             nxt = torch.where(done, p.pad_token_id, nxt)  # rows finished but not yet compacted away
@@ -209,5 +227,5 @@ class StaticCacheEngine(RolloutEngine):
             logits = lean.decode(nxt, position, cache, width + t)
             position = position + 1
             u = None if rkeys is None else keyed_uniform(rkeys[rows], t + 1)
-            nxt, lp = sample_tokens(logits, p, ban_eos=t + 1 < p.min_new_tokens, u=u)
+            nxt, lp = sample_tokens(logits, p, ban_eos=t + 1 < p.min_new_tokens, u=u, fused=lean.fused)
         return tokens, logprobs

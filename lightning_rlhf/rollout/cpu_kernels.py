@@ -1,0 +1,184 @@
+"""Fused float32 decode kernels for a CPU (`decode_kernels.c`), compiled once per machine, called through ctypes.
+
+On a CPU the eager decode step of a small model is many small torch kernels: an RMSNorm alone is seven, and
+the two batched attention matmuls of one new query per row run at a few GFLOP/s. `decode_kernels.c` does a
+residual add with the next RMSNorm, the rotary embedding with the cache writes, SiLU times the up projection,
+and a whole attention (scores, softmax, weighted sum) in one pass each; `sample` draws the next tokens from the
+logits (softmax, banned tokens, the inverse of the cumulative distribution) in three passes over each row. The
+projections stay torch's (MKL or oneDNN).
+
+`kernels()` compiles the file with the system's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`,
+about a second) into `~/.cache/lightning_rlhf/kernels/` (or `$LIGHTNING_RLHF_KERNELS_DIR`), under a name that
+hashes the source, the flags and this CPU's feature flags, so a cache shared between machines never hands one
+a binary built for another. It returns None, and says why once, where there is no compiler or the build fails;
+the engine then decodes eagerly. `LIGHTNING_RLHF_KERNELS=0` turns them off, `=1` makes a failed build an error.
+
+The library links the OpenMP runtime that torch already loaded (same soname), so the kernels share torch's
+threads and its thread count (`torch.set_num_threads`).
+
+Simplified: float32 only (a bfloat16 or float16 rollout decodes eagerly); head sizes that are multiples of 16.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+SOURCE = Path(__file__).with_name("decode_kernels.c")
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
+ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
+_I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
+SIGNATURES = {
+    "lr_add_rms_norm": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
+    "lr_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64],
+    "lr_rope_store": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6,
+    "lr_attend": [_PTR] * 5 + [_I64] * 6,
+    "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR],
+}
+
+
+def _forced() -> bool | None:
+    value = os.environ.get(ENV, "").strip()
+    if value and value not in ("0", "1"):
+        raise ValueError(f"{ENV}={value!r}: set it to 0 (decode with torch's kernels), 1 (the fused kernels, "
+                         "failing if they cannot be built) or leave it unset (use them where they build)")
+    return None if not value else value == "1"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or platform.machine()
+
+
+def library_path(compiler: str) -> Path:
+    """Where the build for this source, compiler, flags and CPU lives."""
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+                                     _cpu_flags().encode()])).hexdigest()[:16]
+    root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "lightning_rlhf" / "kernels")
+    return root / f"decode-{key}.so"
+
+
+def _build(compiler: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
+        out = Path(tmp) / target.name
+        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-1500:]}")
+        os.replace(out, target)
+
+
+@functools.cache
+def kernels() -> ctypes.CDLL | None:
+    """The compiled library (built on first use), or None where it cannot be had (see the module docstring)."""
+    forced = _forced()
+    if forced is False:
+        return None
+    compiler = os.environ.get("CC") or "cc"
+    try:
+        if shutil.which(compiler) is None:
+            raise RuntimeError(f"no C compiler {compiler!r} on PATH (set $CC)")
+        target = library_path(compiler)
+        if not target.exists():
+            log.info("building the fused CPU decode kernels once into %s", target)
+            _build(compiler, target)
+        lib = ctypes.CDLL(str(target))
+        for name, args in SIGNATURES.items():
+            getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+        return lib
+    except (OSError, RuntimeError) as err:
+        if forced:
+            raise RuntimeError(f"{ENV}=1 but the fused CPU decode kernels are not available: {err}") from err
+        log.warning("fused CPU decode kernels unavailable (%s); decoding with torch's kernels, a little slower. "
+                    "Set %s=0 to skip this attempt.", err, ENV)
+        return None
+
+
+def usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
+    """Whether a decode in `dtype` with this head size on `device` can use the kernels (building them if needed)."""
+    return device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0 and kernels() is not None
+
+
+def _p(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _contiguous(*tensors: Tensor | None) -> None:
+    for t in tensors:
+        if t is not None and not t.is_contiguous():
+            raise ValueError(f"fused decode kernel given a non-contiguous tensor of shape {tuple(t.shape)}")
+
+
+def add_rms_norm(x: Tensor, y: Tensor | None, weight: Tensor, eps: float) -> Tensor:
+    """x += y in place (y None: no add), then RMSNorm(x) * weight -> a new tensor. x, y: (..., d) contiguous."""
+    _contiguous(x, y, weight)
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    kernels().lr_add_rms_norm(_p(x), _p(y), _p(weight), _p(out), x.numel() // d, d, eps)
+    return out
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """silu(gate) * up for (n, m) row views (a stacked output's two halves are fine) -> (n, m) contiguous."""
+    n, m = gate.shape
+    if gate.stride(1) != 1 or up.stride(1) != 1:
+        raise ValueError("silu_mul needs rows of contiguous floats")
+    out = gate.new_empty(n, m)
+    kernels().lr_silu_mul(_p(gate), gate.stride(0), _p(up), up.stride(0), _p(out), n, m)
+    return out
+
+
+def rope_store(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, heads: int,
+               column: int) -> Tensor:
+    """Rotate (n, heads + kv_heads, hd) queries and keys (rows may be strided) by cos, sin (n, heads + kv_heads,
+    hd); write keys and values (n, kv_heads, hd) into the caches at `column`; -> rotated queries (n, heads, hd)."""
+    n, _, hd = qk.shape
+    kv_heads, cols = vc.shape[1], vc.shape[2]
+    if qk.stride(2) != 1 or qk.stride(1) != hd or v.stride(2) != 1 or v.stride(1) != hd:
+        raise ValueError("rope_store needs each row's heads as contiguous vectors")
+    _contiguous(cos, sin, kc, vc)
+    q = qk.new_empty(n, heads, hd)
+    kernels().lr_rope_store(_p(qk), qk.stride(0), _p(v), v.stride(0), _p(cos), _p(sin), _p(q), _p(kc), _p(vc),
+                            n, heads, kv_heads, hd, cols, column)
+    return q
+
+
+def attend(q: Tensor, kc: Tensor, vc: Tensor, bias: Tensor | None, width: int) -> Tensor:
+    """softmax(q k^T + bias) v over the first `width` cache columns. q (n, heads, hd), pre-scaled, the heads of
+    one key/value head adjacent; kc (n, kv, hd, cols), vc (n, kv, cols, hd), bias (n, cols) -> (n, heads, hd)."""
+    _contiguous(q, kc, vc, bias)
+    n, heads, hd = q.shape
+    kv_heads, cols = vc.shape[1], vc.shape[2]
+    out = torch.empty_like(q)
+    kernels().lr_attend(_p(q), _p(kc), _p(vc), _p(bias), _p(out), n, kv_heads, heads // kv_heads, hd, cols, width)
+    return out
+
+
+def sample(logits: Tensor, temperature: float, u: Tensor, banned: Tensor | None) -> tuple[Tensor, Tensor] | None:
+    """Tokens (n,) from softmax(logits / temperature) (n, V) with `banned` token ids' weights zeroed, the inverse
+    of each row's cumulative distribution at u (n, 1) float64 in (0, 1]; and their log-probs under the unbanned
+    distribution. None where some row has no weight left once the banned tokens are removed."""
+    _contiguous(logits, u)
+    n, v = logits.shape
+    banned = None if banned is None else banned.to(torch.int64).contiguous()
+    tokens, logps = torch.empty(n, dtype=torch.int64), torch.empty(n)
+    kernels().lr_sample(_p(logits), n, v, temperature, _p(u), _p(banned), 0 if banned is None else banned.numel(),
+                        _p(tokens), _p(logps))
+    return None if bool((tokens < 0).any()) else (tokens, logps)

@@ -1,0 +1,209 @@
+"""The fused CPU decode kernels (`rollout/decode_kernels.c` through `rollout/cpu_kernels.py`): each against its
+formula worked by hand and against the eager torch ops it replaces, the engine's fused decode against the eager
+one, and what happens without a compiler."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_rlhf.rollout import cpu_kernels as K
+from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache
+
+needs_kernels = pytest.mark.skipif(K.kernels() is None, reason="no C compiler: the fused kernels cannot be built")
+
+
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """kernels() decided again, building into an empty directory; the cached answer restored afterwards."""
+    monkeypatch.setenv(K.DIR_ENV, str(tmp_path))
+    K.kernels.cache_clear()
+    yield tmp_path
+    K.kernels.cache_clear()
+
+
+@needs_kernels
+def test_add_rms_norm_by_hand():
+    # x = [3, 4] + y = [1, -2] = [4, 2]; mean of squares (16 + 4) / 2 = 10; eps 0:
+    # out = w * x / sqrt(10) = [1 * 4, 0.5 * 2] / 3.16228 = [1.26491, 0.31623]; x keeps the sum
+    x, y, w = torch.tensor([[3.0, 4.0]]), torch.tensor([[1.0, -2.0]]), torch.tensor([1.0, 0.5])
+    out = K.add_rms_norm(x, y, w, eps=0.0)
+    assert torch.allclose(out, torch.tensor([[1.26491, 0.31623]]), atol=1e-5)
+    assert x.tolist() == [[4.0, 2.0]]
+    # without y: x alone, unchanged; eps under the root: [4, 2] / sqrt(10 + 6) = [1, 0.5] (w = 1)
+    out = K.add_rms_norm(x, None, torch.ones(2), eps=6.0)
+    assert torch.allclose(out, torch.tensor([[1.0, 0.5]])) and x.tolist() == [[4.0, 2.0]]
+
+
+@needs_kernels
+@pytest.mark.parametrize("d", [13, 64, 576])  # 13: a tail past the 8-wide blocks
+def test_add_rms_norm_matches_the_eager_ops(d):
+    torch.manual_seed(0)
+    x, y, w = torch.randn(5, d), torch.randn(5, d), torch.randn(d)
+    want = w * F.rms_norm(x + y, (d,), eps=1e-5)
+    got = K.add_rms_norm(x, y, w, 1e-5)
+    assert (got - want).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_silu_mul_by_hand_and_on_the_halves_of_a_stacked_output():
+    # silu(g) = g / (1 + e^-g): silu(0) = 0, silu(1) = 1 / 1.367879 = 0.731059, silu(-1) = -1 / 3.718282 =
+    # -0.268941; times u = [2, 3, 4] -> [0, 2.193176, -1.075765]
+    got = K.silu_mul(torch.tensor([[0.0, 1.0, -1.0]]), torch.tensor([[2.0, 3.0, 4.0]]))
+    assert torch.allclose(got, torch.tensor([[0.0, 2.193176, -1.075765]]), atol=1e-6)
+    torch.manual_seed(1)
+    stacked = torch.randn(6, 2 * 21) * 4  # 21: a tail; the halves are views with rows 42 floats apart
+    gate, up = stacked.split(21, dim=-1)
+    assert (K.silu_mul(gate, up) - F.silu(gate) * up).abs().max() < 1e-5
+
+
+def _eager_rope_store(lean_rotate, qk, v, cos, sin, kc, vc, heads, column):
+    rotated = lean_rotate(qk, cos, sin)
+    kc[:, :, :, column] = rotated[:, heads:]
+    vc[:, :, column] = v
+    return rotated[:, :heads]
+
+
+@needs_kernels
+def test_rope_store_rotates_and_writes_the_cache_as_the_eager_ops_do():
+    torch.manual_seed(2)
+    n, heads, kv, hd, cols, column = 3, 6, 2, 16, 9, 4
+    stacked = torch.randn(n, (heads + 2 * kv) * hd)  # q, k, v of one stacked projection: strided row views
+    qk, v = stacked[:, :(heads + kv) * hd].view(n, heads + kv, hd), stacked[:, (heads + kv) * hd:].view(n, kv, hd)
+    cos, sin = torch.randn(n, heads + kv, hd), torch.randn(n, heads + kv, hd)
+    caches = [(torch.zeros(n, kv, hd, cols), torch.zeros(n, kv, cols, hd)) for _ in range(2)]
+    want = _eager_rope_store(LeanLlama._rotate, qk, v, cos, sin, *caches[0], heads, column)
+    got = K.rope_store(qk, v, cos, sin, *caches[1], heads, column)
+    assert (got - want).abs().max() < 1e-6
+    assert (caches[0][0] - caches[1][0]).abs().max() < 1e-6 and torch.equal(caches[0][1], caches[1][1])
+    assert caches[1][0][..., column + 1:].abs().sum() == 0  # nothing written past the column
+
+
+def _eager_attend(q, kc, vc, bias, width):
+    n, heads, hd = q.shape
+    kv = kc.shape[1]
+    scores = torch.matmul(q.view(n, kv, heads // kv, hd), kc[..., :width])
+    if bias is not None:
+        scores = scores + bias[:, None, None, :width]
+    return torch.matmul(scores.softmax(-1), vc[:, :, :width]).view(n, heads, hd)
+
+
+@needs_kernels
+@pytest.mark.parametrize("kv,rep", [(4, 1), (2, 3), (1, 5)])  # rep 5: two passes of at most 4 query heads
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 37])  # below, at and past the 8-column blocks
+def test_attend_matches_the_eager_softmax_attention(kv, rep, width):
+    torch.manual_seed(3)
+    n, hd, cols = 3, 32, 40
+    q = torch.randn(n, kv * rep, hd) * 0.3
+    kc, vc = torch.randn(n, kv, hd, cols), torch.randn(n, kv, cols, hd)
+    assert (K.attend(q, kc, vc, None, width) - _eager_attend(q, kc, vc, None, width)).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_attend_gives_a_masked_column_no_weight_at_all():
+    # softmax over scores [0, log 3] with the second masked: weights [1, 0], so the output is v[0] exactly,
+    # however large the masked column's value
+    q = torch.zeros(1, 1, 16)
+    kc, vc = torch.zeros(1, 1, 16, 2), torch.zeros(1, 1, 2, 16)
+    vc[0, 0, 0], vc[0, 0, 1] = 2.0, 1e30
+    bias = torch.tensor([[0.0, float("-inf")]])
+    assert K.attend(q, kc, vc, bias, 2).tolist() == [[[2.0] * 16]]
+    # unmasked, equal scores: weights [0.5, 0.5] -> (2 + 4) / 2 = 3
+    vc[0, 0, 1] = 4.0
+    assert torch.allclose(K.attend(q, kc, vc, None, 2), torch.full((1, 1, 16), 3.0))
+
+
+@needs_kernels
+def test_the_fused_decode_step_gives_the_eager_logits():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(4)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
+                                         num_attention_heads=6, num_key_value_heads=2)).eval()
+    ids = torch.randint(3, 300, (2, 5))
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # padding: the cache's -inf bias
+    eager, fused = (LeanLlama.from_model(model, rows=6, fused=f) for f in (False, True))
+    assert fused.fused and not eager.fused
+    with torch.no_grad():
+        _, kvs = eager.prefill(ids, mask)
+        caches = [StaticKVCache(eager, kvs, mask, 3, 12) for _ in range(2)]
+        tokens, positions = torch.randint(3, 300, (6,)), mask.sum(-1).repeat_interleave(3)
+        for step in range(4):
+            a = eager.decode(tokens, positions + step, caches[0], 5 + step)
+            b = fused.decode(tokens, positions + step, caches[1], 5 + step)
+            assert (a - b).abs().max() < 1e-5, step
+
+
+def test_the_kernels_can_be_switched_off_and_a_failed_build_falls_back(fresh_build, monkeypatch, caplog):
+    monkeypatch.setenv(K.ENV, "0")
+    assert K.kernels() is None and not list(fresh_build.iterdir())  # nothing built
+    K.kernels.cache_clear()
+    monkeypatch.delenv(K.ENV)
+    monkeypatch.setenv("CC", "false")  # a "compiler" that fails
+    with caplog.at_level(logging.WARNING):
+        assert K.kernels() is None
+    assert "decoding with torch's kernels" in caplog.text
+    assert not K.usable(torch.float32, 64, torch.device("cpu"))
+    K.kernels.cache_clear()
+    monkeypatch.setenv(K.ENV, "1")  # asked for: the failure is an error naming the variable
+    with pytest.raises(RuntimeError, match="LIGHTNING_RLHF_KERNELS=1 but"):
+        K.kernels()
+    K.kernels.cache_clear()
+    monkeypatch.setenv(K.ENV, "yes")
+    with pytest.raises(ValueError, match="set it to 0"):
+        K.kernels()
+
+
+@needs_kernels
+def test_a_build_is_cached_by_source_compiler_and_cpu(fresh_build):
+    lib, compiler = K.kernels(), os.environ.get("CC") or "cc"
+    built = list(fresh_build.iterdir())
+    assert lib is not None and [p.name for p in built] == [K.library_path(compiler).name]
+    assert K.library_path(compiler) != K.library_path(compiler + "-other")
+
+
+def test_fused_decoding_asked_for_where_it_cannot_run_is_refused():
+    from transformers import LlamaConfig, LlamaForCausalLM
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="rollout.engine_kwargs.cpu_kernels"):
+        LeanLlama.from_model(model, torch.bfloat16, fused=True)
+    assert not LeanLlama.from_model(model, torch.bfloat16).fused  # unasked: eager, quietly
+
+
+@needs_kernels
+def test_sample_by_hand():
+    # logits [0, ln 3]: probabilities [0.25, 0.75]; the first token whose cumulative weight reaches u:
+    # u = 0.2 -> token 0 (0.2 <= 0.25), u = 0.3 -> token 1; log-probs ln 0.25 = -1.386294, ln 0.75 = -0.287682
+    logits = torch.tensor([[0.0, math.log(3)], [0.0, math.log(3)]])
+    u = torch.tensor([[0.2], [0.3]], dtype=torch.float64)
+    tokens, logps = K.sample(logits, 1.0, u, None)
+    assert tokens.tolist() == [0, 1] and torch.allclose(logps, torch.tensor([-1.386294, -0.287682]))
+    # temperature 2 on logits [0, 2 ln 3] is the same distribution
+    tokens, logps = K.sample(logits * 2, 2.0, u, None)
+    assert tokens.tolist() == [0, 1] and torch.allclose(logps, torch.tensor([-1.386294, -0.287682]))
+    # token 1 banned: token 0 whatever u, its log-prob still under the unbanned distribution (ln 0.25)
+    tokens, logps = K.sample(logits, 1.0, u, torch.tensor([1]))
+    assert tokens.tolist() == [0, 0] and torch.allclose(logps, torch.tensor([-1.386294] * 2))
+    # all the mass banned (token 0 is e^-100 of it): no answer, the caller's general path takes over
+    assert K.sample(torch.tensor([[-100.0, 0.0]]), 1.0, u[:1], torch.tensor([1])) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("vocab", [300, 49152 + 37])  # one level's worth; many blocks of 256 and a short last one
+def test_sample_picks_the_token_of_the_two_level_torch_inversion(vocab):
+    from lightning_rlhf.rollout.static import _invert_cdf
+    torch.manual_seed(5)
+    logits = torch.randn(64, vocab) * 4
+    u = 1.0 - torch.rand(64, 1, dtype=torch.float64)
+    tokens, logps = K.sample(logits, 0.7, u, torch.tensor([3, 7]))
+    probs = (logits / 0.7).softmax(-1)
+    want_logp = probs.log().gather(-1, tokens[:, None])[:, 0]
+    probs[:, [3, 7]] = 0.0
+    assert torch.equal(tokens, _invert_cdf(probs, u)) and not bool(torch.isin(tokens, torch.tensor([3, 7])).any())
+    assert (logps - want_logp).abs().max() < 1e-5
