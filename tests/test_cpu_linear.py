@@ -181,3 +181,20 @@ def test_the_environment_variable_decides_float32_packing(monkeypatch):
         assert PackedLinear.pays(torch.randn(512, 192), 64) is onednn_available()
     finally:
         packing_pays.cache_clear()
+
+
+@needs_onednn
+def test_large_float32_sampler_weights_are_packed_without_a_probe(monkeypatch):
+    # ALWAYS_PACK_BYTES = 1 MiB: 512 x 512 float32 = 4 * 262144 = 1048576 B, at the bound -> packed untimed;
+    # 511 x 512 = 1046528 B, below -> the probe decides (here: timed as no faster -> not packed)
+    monkeypatch.delenv("LIGHTNING_RLHF_ONEDNN", raising=False)
+    timed = []
+    monkeypatch.setattr(cpu_linear, "_seconds", lambda fn, repeats=20: timed.append(1) or 1.0)
+    packing_pays.cache_clear()
+    try:
+        assert PackedLinear.pays(torch.randn(512, 512), 64) is True and not timed
+        assert PackedLinear.pays(torch.randn(511, 512), 64) is False and len(timed) == 2
+        monkeypatch.setenv("LIGHTNING_RLHF_ONEDNN", "0")  # the variable still says no
+        assert PackedLinear.pays(torch.randn(512, 512), 64) is False
+    finally:
+        packing_pays.cache_clear()

@@ -35,6 +35,7 @@ from torch import Tensor
 MIN_WORK = 1 << 21  # rows x in x out below this, F.linear's smaller call overhead wins
 MARGIN = 1.2  # oneDNN for training's linears: a whole path of its own, taken only where clearly faster
 PACK_MARGIN = 1.05  # packing a sampler's weight: one reorder per rollout, taken where it is faster at all
+ALWAYS_PACK_BYTES = 1 << 20  # float32 sampler weights this large are packed without a probe (see PackedLinear)
 ENV = "LIGHTNING_RLHF_ONEDNN"
 
 
@@ -171,8 +172,12 @@ def packing_pays(rows: int, in_features: int, out_features: int) -> bool:
 class PackedLinear:
     """A projection for sampling: `weight` (out, in) reordered once for oneDNN when the expected work (`rows`
     x in x out) reaches MIN_WORK on a CPU, in bfloat16 (oneDNN's already, where the CPU has it:
-    `onednn_available`) or in float32 where `packing_pays` measured it faster for this shape; otherwise it
-    calls F.linear on the weight as given. Call it on (..., in) inputs."""
+    `onednn_available`) or in float32 where the weight has ALWAYS_PACK_BYTES or more or `packing_pays` measured
+    it faster for this shape; otherwise it calls F.linear on the weight as given. Call it on (..., in) inputs.
+
+    Large float32 weights skip the probe: a decode step reads each from memory, not cache, and there packed oneDNN
+    beat MKL by 4-6% per SmolLM2 step at 64 rows on an AVX2-only EPYC even for shapes (576 x 576, 576 x 1536)
+    where the probe, which times one weight over and over, picked MKL (`python benchmarks/decode_packing.py`)."""
 
     def __init__(self, weight: Tensor, bias: Tensor | None, rows: int) -> None:
         self.bias, self.out_features = bias, weight.shape[0]
@@ -188,7 +193,11 @@ class PackedLinear:
             return False
         if like.dtype == torch.bfloat16:
             return onednn_available(like.dtype)
-        return like.dtype == torch.float32 and packing_pays(rows, like.shape[1], out_features)
+        if like.dtype != torch.float32:
+            return False
+        if 4 * like.shape[1] * out_features >= ALWAYS_PACK_BYTES and _decided() is not False:
+            return True
+        return packing_pays(rows, like.shape[1], out_features)
 
     def __call__(self, x: Tensor) -> Tensor:
         if not self.packed:
