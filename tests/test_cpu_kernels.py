@@ -56,6 +56,10 @@ def test_silu_mul_by_hand_and_on_the_halves_of_a_stacked_output():
     # -0.268941; times u = [2, 3, 4] -> [0, 2.193176, -1.075765]
     got = K.silu_mul(torch.tensor([[0.0, 1.0, -1.0]]), torch.tensor([[2.0, 3.0, 4.0]]))
     assert torch.allclose(got, torch.tensor([[0.0, 2.193176, -1.075765]]), atol=1e-6)
+    # far out: silu(-100) and silu(-1000) are 0 to float32 (-3.7e-42, the exp clamped at exp(88): -6e-37), silu(100)
+    # is 100, silu(1000) is 1000; times u = 1
+    far = K.silu_mul(torch.tensor([[-100.0, -1000.0, 100.0, 1000.0] * 3]), torch.ones(1, 12))
+    assert torch.allclose(far, torch.tensor([[0.0, 0.0, 100.0, 1000.0] * 3]), atol=1e-30)
     torch.manual_seed(1)
     stacked = torch.randn(6, 2 * 21) * 4  # 21: a tail; the halves are views with rows 42 floats apart
     gate, up = stacked.split(21, dim=-1)

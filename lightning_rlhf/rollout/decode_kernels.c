@@ -19,11 +19,14 @@ static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 /* exp(x) of 8 floats: 2^k exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by Cephes' expf polynomial
- * (within 2 ulp). Vector arithmetic and bit moves only. Inputs below -87 give exp(-87) (about 1.6e-38). */
+ * (within 2 ulp). Vector arithmetic and bit moves only. Inputs are clamped to [-87, 88], where 2^k stays a normal
+ * float: below -87 gives exp(-87) (about 1.6e-38), above 88 exp(88) (about 1.7e38). */
 static inline v8 exp8(v8 x) {
     const v8 lo = {-87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f, -87.0f};
-    v8i below = x < lo;
+    const v8 hi = {88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f, 88.0f};
+    v8i below = x < lo, above = x > hi;
     x = (v8)(((v8i)x & ~below) | ((v8i)lo & below));
+    x = (v8)(((v8i)x & ~above) | ((v8i)hi & above));
     const float magic = 12582912.0f; /* 1.5 * 2^23: adding and subtracting it rounds to an integer */
     v8 k = (x * 1.44269504088896341f + magic) - magic;
     v8 r = x - k * 0.693359375f;
