@@ -11,7 +11,8 @@ For Llama-family models (`lean_llama.py`) it
   - groups prompts of similar length into one call when `max_batch_size` splits the rows (less padding);
   - samples in `dtype` (default: the model's), e.g. bfloat16 on a CPU with native bf16 matmuls;
   - in float32 on a CPU, decodes with fused C kernels (`cpu_kernels.py`): each residual add with the next
-    RMSNorm, RoPE with the cache writes, SiLU with the product, and a whole attention in one pass each.
+    RMSNorm, RoPE with the cache writes, SiLU with the product, a whole attention and the sampling in one
+    pass each.
 Other architectures fall back to the "hf" engine, with one message saying why.
 
 Simplified: the Python loop issues a fixed set of kernels per token and layer (no CUDA graphs, no
@@ -28,10 +29,10 @@ import logging
 import torch
 from torch import Tensor
 
+from lightning_rlhf.rollout import cpu_kernels
 from lightning_rlhf.rollout.base import (
     ROLLOUT_ENGINES, Rollout, RolloutEngine, SamplingParams, response_mask_from_eos,
 )
-from lightning_rlhf.rollout import cpu_kernels
 from lightning_rlhf.rollout.hf import HFGenerateEngine
 from lightning_rlhf.rollout.keyed import keyed_uniform, row_keys
 from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache, unsupported_reason
