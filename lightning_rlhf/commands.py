@@ -103,7 +103,6 @@ def doctor(argv: list[str]) -> dict[str, float]:
         print(f"  {name:<9} matmul 1024x1024: {gflops:8.1f} GFLOP/s")
     if a.device == "cpu":
         from lightning_rlhf.models.cpu_linear import ENV, onednn_pays
-
         from lightning_rlhf.rollout import cpu_kernels
 
         kernel = "oneDNN (faster than torch's default here)" if onednn_pays() else "torch's default"

@@ -126,7 +126,7 @@ class LeanLlama:
         self.fused = usable
         self.rotary = base.rotary_emb
         # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
-        self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=base.embed_tokens.weight.device)
+        self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=device)
         self.qk_scale[:self.heads] = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight.detach().to(dtype)
         self.norm = base.norm.weight.detach().to(dtype)
