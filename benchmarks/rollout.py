@@ -11,7 +11,8 @@ tokens/s, the ratio, and the achieved model FLOP/s as a share of this machine's 
 precision (`python -m lightning_rlhf doctor`), the highest of the readings taken at the start and after each
 static timing (CPU speed drifts; the highest reading gives the lowest share). Model FLOPs are 2 x (parameters
 without the input embedding) per token, prompt and generated; attention is left out. The median of `--repeats`
-runs is reported. `--unfused` also times the static engine without its fused CPU kernels (float32).
+runs is reported. `--unfused` also times the static engine without its fused CPU kernels; `--batches 64` and `--tiny ""` narrow
+the run.
 """
 
 from __future__ import annotations
@@ -63,13 +64,14 @@ def time_engine(engine, model, ids, mask, tokens: int, g: int, repeats: int) -> 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", default="checkpoints/tiny-base")
+    p.add_argument("--tiny", default="checkpoints/tiny-base", help="the small model ('' to skip it)")
     p.add_argument("--model", default="checkpoints/smollm2-135m-instruct")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=48)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--unfused", action="store_true", help="also time the static engine in float32 without its fused "
-                   "CPU kernels (rollout.engine_kwargs.cpu_kernels: false)")
+    p.add_argument("--batches", type=int, nargs="+", default=[8, 64])
+    p.add_argument("--unfused", action="store_true", help="also time the static engine without its fused CPU "
+                   "kernels (rollout.engine_kwargs.cpu_kernels: false)")
     a = p.parse_args()
     keep_freed_memory()
     peaks = {name: matmul_gflops(getattr(torch, name)) for name in ("float32", "bfloat16")}
@@ -79,9 +81,11 @@ def main() -> None:
     rows = []
     tiny_shape = dict(vocab_size=512, hidden_size=128, intermediate_size=512, num_hidden_layers=4, num_attention_heads=4)
     for path, shape in ((a.tiny, tiny_shape), (a.model, SMOLLM2)):
+        if not path:
+            continue
         name, model = load(path, shape)
         flops = model_flops_per_token(model)
-        for batch in (8, 64):
+        for batch in a.batches:
             torch.manual_seed(1)
             ids = torch.randint(3, model.config.vocab_size, (batch // 8, a.prompt_tokens))
             mask = torch.ones_like(ids)
@@ -89,7 +93,7 @@ def main() -> None:
                 hf = time_engine(ROLLOUT_ENGINES.get("hf")(dtype=dtype), model, ids, mask, a.tokens, 8, a.repeats)
                 fast = time_engine(ROLLOUT_ENGINES.get("static")(dtype=dtype), model, ids, mask, a.tokens, 8, a.repeats)
                 unfused = fast
-                if a.unfused and dtype == "float32":
+                if a.unfused:
                     unfused = time_engine(ROLLOUT_ENGINES.get("static")(dtype=dtype, cpu_kernels=False), model, ids,
                                           mask, a.tokens, 8, a.repeats)
                 peaks[dtype] = max(peaks[dtype], matmul_gflops(getattr(torch, dtype)))  # this machine drifts

@@ -109,7 +109,7 @@ def doctor(argv: list[str]) -> dict[str, float]:
         print(f"  float32 linear layers: {kernel}; {ENV}=0 or 1 overrides")
         built = cpu_kernels.kernels()
         fused = f"built ({built._name})" if built is not None else "not available (see the warning above)"
-        print(f"  fused float32 decode kernels: {fused}; {cpu_kernels.ENV}=0 turns them off")
+        print(f"  fused decode kernels (float32, bfloat16): {fused}; {cpu_kernels.ENV}=0 turns them off")
     print(f"  advice: {advice}")
     return speeds
 

@@ -1,4 +1,4 @@
-"""Fused float32 decode kernels for a CPU (`decode_kernels.c`), compiled once per machine, called through ctypes.
+"""Fused decode kernels for a CPU (`decode_kernels.c`), compiled once per machine, called through ctypes.
 
 On a CPU the eager decode step of a small model is many small torch kernels: an RMSNorm alone is seven, and
 the two batched attention matmuls of one new query per row run at a few GFLOP/s. `decode_kernels.c` does a
@@ -16,7 +16,9 @@ the engine then decodes eagerly. `LIGHTNING_RLHF_KERNELS=0` turns them off, `=1`
 The library links the OpenMP runtime that torch already loaded (same soname), so the kernels share torch's
 threads and its thread count (`torch.set_num_threads`).
 
-Simplified: float32 only (a bfloat16 or float16 rollout decodes eagerly); head sizes that are multiples of 16.
+Models in float32 or bfloat16 (a float16 rollout decodes eagerly); head sizes that are multiples of 16. In
+bfloat16 the kernels compute in float32 and round where torch's bfloat16 kernels round, except inside the
+attention, whose weights stay float32 (the eager step rounds them to bfloat16 before the weighted sum).
 """
 
 from __future__ import annotations
@@ -39,13 +41,15 @@ SOURCE = Path(__file__).with_name("decode_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-SIGNATURES = {
+_ELEMENTWISE = {
     "lr_add_rms_norm": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "lr_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64],
     "lr_rope_store": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6,
     "lr_attend": [_PTR] * 5 + [_I64] * 6,
-    "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR],
 }
+SIGNATURES = {**_ELEMENTWISE, **{f"{name}_bf16": args for name, args in _ELEMENTWISE.items()},
+              "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR]}
+DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
 
 
 def _forced() -> bool | None:
@@ -113,7 +117,7 @@ def kernels() -> ctypes.CDLL | None:
 
 def usable(dtype: torch.dtype, head_dim: int, device: torch.device) -> bool:
     """Whether a decode in `dtype` with this head size on `device` can use the kernels (building them if needed)."""
-    return device.type == "cpu" and dtype == torch.float32 and head_dim % 16 == 0 and kernels() is not None
+    return device.type == "cpu" and dtype in DTYPES and head_dim % 16 == 0 and kernels() is not None
 
 
 def _p(t: Tensor | None) -> int | None:
@@ -126,12 +130,24 @@ def _contiguous(*tensors: Tensor | None) -> None:
             raise ValueError(f"fused decode kernel given a non-contiguous tensor of shape {tuple(t.shape)}")
 
 
+def _variant(name: str, *tensors: Tensor | None, float32: tuple[Tensor | None, ...] = ()) -> ctypes._CFuncPtr:
+    """The kernel `name` for the dtype of `tensors` (float32, or bfloat16: `name`_bf16), which must all have it;
+    the `float32` ones must be float32 in either case."""
+    dtype = tensors[0].dtype
+    if dtype not in DTYPES or any(t is not None and t.dtype != dtype for t in tensors):
+        raise ValueError(f"{name}: tensors of dtypes {[None if t is None else t.dtype for t in tensors]}; they "
+                         "must all be float32 or all bfloat16")
+    if any(t is not None and t.dtype != torch.float32 for t in float32):
+        raise ValueError(f"{name}: {[t.dtype for t in float32 if t is not None]} where float32 is needed")
+    return getattr(kernels(), name if dtype == torch.float32 else f"{name}_bf16")
+
+
 def add_rms_norm(x: Tensor, y: Tensor | None, weight: Tensor, eps: float) -> Tensor:
     """x += y in place (y None: no add), then RMSNorm(x) * weight -> a new tensor. x, y: (..., d) contiguous."""
     _contiguous(x, y, weight)
     out = torch.empty_like(x)
     d = x.shape[-1]
-    kernels().lr_add_rms_norm(_p(x), _p(y), _p(weight), _p(out), x.numel() // d, d, eps)
+    _variant("lr_add_rms_norm", x, y, weight)(_p(x), _p(y), _p(weight), _p(out), x.numel() // d, d, eps)
     return out
 
 
@@ -141,33 +157,37 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     if gate.stride(1) != 1 or up.stride(1) != 1:
         raise ValueError("silu_mul needs rows of contiguous floats")
     out = gate.new_empty(n, m)
-    kernels().lr_silu_mul(_p(gate), gate.stride(0), _p(up), up.stride(0), _p(out), n, m)
+    _variant("lr_silu_mul", gate, up)(_p(gate), gate.stride(0), _p(up), up.stride(0), _p(out), n, m)
     return out
 
 
 def rope_store(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, heads: int,
                column: int) -> Tensor:
     """Rotate (n, heads + kv_heads, hd) queries and keys (rows may be strided) by cos, sin (n, heads + kv_heads,
-    hd); write keys and values (n, kv_heads, hd) into the caches at `column`; -> rotated queries (n, heads, hd)."""
+    hd) float32; write keys and values (n, kv_heads, hd) into the caches at `column`; -> rotated queries (n, heads,
+    hd) float32. qk, v, kc, vc: all float32 or all bfloat16."""
     n, _, hd = qk.shape
     kv_heads, cols = vc.shape[1], vc.shape[2]
     if qk.stride(2) != 1 or qk.stride(1) != hd or v.stride(2) != 1 or v.stride(1) != hd:
         raise ValueError("rope_store needs each row's heads as contiguous vectors")
     _contiguous(cos, sin, kc, vc)
-    q = qk.new_empty(n, heads, hd)
-    kernels().lr_rope_store(_p(qk), qk.stride(0), _p(v), v.stride(0), _p(cos), _p(sin), _p(q), _p(kc), _p(vc),
-                            n, heads, kv_heads, hd, cols, column)
+    q = qk.new_empty(n, heads, hd, dtype=torch.float32)
+    _variant("lr_rope_store", qk, v, kc, vc, float32=(cos, sin))(
+        _p(qk), qk.stride(0), _p(v), v.stride(0), _p(cos), _p(sin), _p(q), _p(kc), _p(vc), n, heads, kv_heads, hd,
+        cols, column)
     return q
 
 
 def attend(q: Tensor, kc: Tensor, vc: Tensor, bias: Tensor | None, width: int) -> Tensor:
-    """softmax(q k^T + bias) v over the first `width` cache columns. q (n, heads, hd), pre-scaled, the heads of
-    one key/value head adjacent; kc (n, kv, hd, cols), vc (n, kv, cols, hd), bias (n, cols) -> (n, heads, hd)."""
+    """softmax(q k^T + bias) v over the first `width` cache columns. q (n, heads, hd) float32, pre-scaled, the
+    heads of one key/value head adjacent; kc (n, kv, hd, cols), vc (n, kv, cols, hd) float32 or bfloat16, bias
+    (n, cols) float32 -> (n, heads, hd) in the cache's dtype."""
     _contiguous(q, kc, vc, bias)
     n, heads, hd = q.shape
     kv_heads, cols = vc.shape[1], vc.shape[2]
-    out = torch.empty_like(q)
-    kernels().lr_attend(_p(q), _p(kc), _p(vc), _p(bias), _p(out), n, kv_heads, heads // kv_heads, hd, cols, width)
+    out = torch.empty_like(q, dtype=kc.dtype)
+    _variant("lr_attend", kc, vc, float32=(q, bias))(
+        _p(q), _p(kc), _p(vc), _p(bias), _p(out), n, kv_heads, heads // kv_heads, hd, cols, width)
     return out
 
 

@@ -1,10 +1,15 @@
-/* Fused float32 kernels for the static engine's decode step on a CPU (see cpu_kernels.py, which compiles this
- * file once per machine and calls it through ctypes). Plain C with GCC/Clang vector extensions and OpenMP: no
- * torch headers, so it builds in about a second with the system's C compiler.
+/* Fused kernels for the static engine's decode step on a CPU (see cpu_kernels.py, which compiles this file once
+ * per machine and calls it through ctypes). Plain C with GCC/Clang vector extensions and OpenMP: no torch
+ * headers, so it builds in about a second with the system's C compiler.
  *
  * Each function does what a handful of torch kernels do in `lean_llama.py`'s eager decode, in one pass over
  * memory. The arithmetic is the same; the order of some sums differs (float32 rounding, about 1e-7 relative),
  * and exp is a degree-6 polynomial after range reduction (Cephes' expf: within 2 ulp), `exp8`.
+ *
+ * Tensors are float32, or bfloat16 where a function's name ends in _bf16 (the model's activations, the key/value
+ * cache). bfloat16 values are widened to float32 on load, all arithmetic is float32, and results are rounded to
+ * the nearest bfloat16 (ties to even) on store: the same roundings as torch's bfloat16 kernels where the eager
+ * step rounds, fewer inside the attention (its weights stay float32). NaNs are not kept apart when rounding.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -17,6 +22,48 @@ static inline v8 load8(const float *p) { v8 v; memcpy(&v, p, sizeof v); return v
 static inline void store8(float *p, v8 v) { memcpy(p, &v, sizeof v); }
 
 typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef uint16_t v8h __attribute__((vector_size(16)));
+
+/* bfloat16 is the top half of a float32: widening is a shift; narrowing rounds to nearest, ties to even. */
+static inline v8 load8h(const uint16_t *p) {
+    v8h h;
+    memcpy(&h, p, sizeof h);
+    return (v8)(__builtin_convertvector(h, v8u) << 16);
+}
+static inline v8u round_bits(v8 x) {
+    v8u u = (v8u)x;
+    return (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+}
+static inline void store8h(uint16_t *p, v8 x) {
+    v8h h = __builtin_convertvector(round_bits(x), v8h);
+    memcpy(p, &h, sizeof h);
+}
+
+/* Loads and stores of 8 values, or one, at element i of a float32 (bf = 0) or bfloat16 (bf = 1) array; `rnd`
+ * rounds float32 values to what a bfloat16 store keeps (nothing when bf = 0). Each kernel is written once over
+ * these and instantiated for both element types (bf is a constant in every caller, so the tests fold away). */
+#define INLINE static inline __attribute__((always_inline))
+INLINE v8 ld8(const void *p, int64_t i, const int bf) {
+    return bf ? load8h((const uint16_t *)p + i) : load8((const float *)p + i);
+}
+INLINE void st8(void *p, int64_t i, v8 x, const int bf) {
+    if (bf) store8h((uint16_t *)p + i, x); else store8((float *)p + i, x);
+}
+INLINE float ld1(const void *p, int64_t i, const int bf) {
+    if (!bf) return ((const float *)p)[i];
+    uint32_t u = (uint32_t)((const uint16_t *)p)[i] << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+INLINE void st1(void *p, int64_t i, float x, const int bf) {
+    if (!bf) { ((float *)p)[i] = x; return; }
+    v8 v = {x};
+    ((uint16_t *)p)[i] = (uint16_t)round_bits(v)[0];
+}
+INLINE v8 rnd8(v8 x, const int bf) { return bf ? (v8)(round_bits(x) << 16) : x; }
+INLINE float rnd1(float x, const int bf) { v8 v = {x}; return bf ? rnd8(v, 1)[0] : x; }
 
 /* exp(x) of 8 floats: 2^k exp(r), k = round(x / ln 2), |r| <= ln(2) / 2, exp(r) by Cephes' expf polynomial
  * (within 2 ulp). Vector arithmetic and bit moves only. Inputs are clamped to [-87, 88], where 2^k stays a normal
@@ -47,155 +94,267 @@ static inline float exp1(float x) {
 }
 
 /* x += y (when y is not NULL), then out = w * x / sqrt(mean(x^2) + eps), row by row: a residual add and the
- * next RMSNorm in one pass. x, y, out: (n, d) rows of `d` floats, contiguous; w: (d,). */
-void lr_add_rms_norm(float *x, const float *y, const float *w, float *out, int64_t n, int64_t d, float eps) {
+ * next RMSNorm in one pass. x, y, out: (n, d) rows of `d` values, contiguous; w: (d,). In bfloat16 the sum is
+ * rounded as it is stored, and x / sqrt(...) before it is times w, as HF's RMSNorm rounds. */
+INLINE void add_rms_norm(void *x, const void *y, const void *w, void *out, int64_t n, int64_t d, float eps,
+                         const int bf) {
 #pragma omp parallel for schedule(static) if (n * d >= 32768)
     for (int64_t i = 0; i < n; ++i) {
-        float *xi = x + i * d;
-        float *oi = out + i * d;
+        const int64_t row = i * d;
         if (y) {
-            const float *yi = y + i * d;
-            for (int64_t j = 0; j < d; ++j) xi[j] += yi[j];
+            int64_t j = 0;
+            for (; j + 8 <= d; j += 8) st8(x, row + j, ld8(x, row + j, bf) + ld8(y, row + j, bf), bf);
+            for (; j < d; ++j) st1(x, row + j, ld1(x, row + j, bf) + ld1(y, row + j, bf), bf);
         }
         v8 acc = {0};
         int64_t j = 0;
-        for (; j + 8 <= d; j += 8) { v8 v = load8(xi + j); acc += v * v; }
+        for (; j + 8 <= d; j += 8) { v8 v = ld8(x, row + j, bf); acc += v * v; }
         float ss = 0.0f;
-        for (; j < d; ++j) ss += xi[j] * xi[j];
+        for (; j < d; ++j) ss += ld1(x, row + j, bf) * ld1(x, row + j, bf);
         for (int k = 0; k < 8; ++k) ss += acc[k];
         const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-        for (j = 0; j < d; ++j) oi[j] = w[j] * (xi[j] * inv);
+        for (j = 0; j + 8 <= d; j += 8) st8(out, row + j, ld8(w, j, bf) * rnd8(ld8(x, row + j, bf) * inv, bf), bf);
+        for (; j < d; ++j) st1(out, row + j, ld1(w, j, bf) * rnd1(ld1(x, row + j, bf) * inv, bf), bf);
     }
 }
 
-/* out = silu(g) * u = g / (1 + exp(-g)) * u. g, u: rows of m floats, `g_stride` / `u_stride` floats apart (a
- * stacked gate-up output is one tensor with both halves in a row); out: (n, m) contiguous. */
-void lr_silu_mul(const float *g, int64_t g_stride, const float *u, int64_t u_stride, float *out, int64_t n,
-                 int64_t m) {
+void lr_add_rms_norm(float *x, const float *y, const float *w, float *out, int64_t n, int64_t d, float eps) {
+    add_rms_norm(x, y, w, out, n, d, eps, 0);
+}
+
+void lr_add_rms_norm_bf16(uint16_t *x, const uint16_t *y, const uint16_t *w, uint16_t *out, int64_t n, int64_t d,
+                          float eps) {
+    add_rms_norm(x, y, w, out, n, d, eps, 1);
+}
+
+/* out = silu(g) * u = g / (1 + exp(-g)) * u. g, u: rows of m values, `g_stride` / `u_stride` apart (a stacked
+ * gate-up output is one tensor with both halves in a row); out: (n, m) contiguous. In bfloat16, silu(g) is
+ * rounded before the product, as torch's two kernels round. */
+INLINE void silu_mul(const void *g, int64_t g_stride, const void *u, int64_t u_stride, void *out, int64_t n,
+                     int64_t m, const int bf) {
 #pragma omp parallel for schedule(static) if (n * m >= 32768)
     for (int64_t i = 0; i < n; ++i) {
-        const float *gi = g + i * g_stride, *ui = u + i * u_stride;
-        float *oi = out + i * m;
+        const int64_t gi = i * g_stride, ui = i * u_stride, oi = i * m;
         int64_t j = 0;
         for (; j + 8 <= m; j += 8) {
-            v8 g8 = load8(gi + j);
-            store8(oi + j, g8 / (1.0f + exp8(-g8)) * load8(ui + j));
+            v8 g8 = ld8(g, gi + j, bf);
+            st8(out, oi + j, rnd8(g8 / (1.0f + exp8(-g8)), bf) * ld8(u, ui + j, bf), bf);
         }
-        for (; j < m; ++j) oi[j] = gi[j] / (1.0f + exp1(-gi[j])) * ui[j];
+        for (; j < m; ++j) {
+            const float g1 = ld1(g, gi + j, bf);
+            st1(out, oi + j, rnd1(g1 / (1.0f + exp1(-g1)), bf) * ld1(u, ui + j, bf), bf);
+        }
     }
 }
 
-/* Rotate the new token's queries and keys (RoPE), write the rotated queries to q_out (n, heads, hd) and the
- * keys and values into the cache at `column`.
- * qk: per row, heads + kv_heads vectors of hd floats (queries, then keys), rows `qk_stride` floats apart;
- * v: per row kv_heads vectors of hd floats, rows `v_stride` apart;
- * cos, sin: (n, heads + kv_heads, hd), the signed sin (first half negated) as `LeanLlama.rope` makes them, so that
- * rotated = x * cos + roll(x, hd / 2) * sin;
- * kc: (n, kv_heads, hd, cols), keys stored transposed; vc: (n, kv_heads, cols, hd). */
-void lr_rope_store(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos_,
-                   const float *sin_, float *q_out, float *kc, float *vc, int64_t n, int64_t heads,
-                   int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
-    const int64_t half = hd / 2, all = heads + kv_heads;
+void lr_silu_mul(const float *g, int64_t g_stride, const float *u, int64_t u_stride, float *out, int64_t n,
+                 int64_t m) {
+    silu_mul(g, g_stride, u, u_stride, out, n, m, 0);
+}
+
+void lr_silu_mul_bf16(const uint16_t *g, int64_t g_stride, const uint16_t *u, int64_t u_stride, uint16_t *out,
+                      int64_t n, int64_t m) {
+    silu_mul(g, g_stride, u, u_stride, out, n, m, 1);
+}
+
+/* Rotate the new token's queries and keys (RoPE), write the rotated queries to q_out (n, heads, hd), float32,
+ * and the keys and values into the cache at `column`.
+ * qk: per row, heads + kv_heads vectors of hd values (queries, then keys), rows `qk_stride` values apart;
+ * v: per row kv_heads vectors of hd values, rows `v_stride` apart;
+ * cos, sin: (n, heads + kv_heads, hd) float32, the signed sin (first half negated) as `LeanLlama.rope` makes
+ * them, so that rotated = x * cos + roll(x, hd / 2) * sin;
+ * kc: (n, kv_heads, hd, cols), keys stored transposed; vc: (n, kv_heads, cols, hd). qk, v, kc, vc: float32, or
+ * all bfloat16 (the rotation in float32, the keys rounded once as they are stored). */
+INLINE void rope_store(const void *qk, int64_t qk_stride, const void *v, int64_t v_stride, const float *cos_,
+                       const float *sin_, float *q_out, void *kc, void *vc, int64_t n, int64_t heads,
+                       int64_t kv_heads, int64_t hd, int64_t cols, int64_t column, const int bf) {
+    const int64_t half = hd / 2, all = heads + kv_heads, size = bf ? 2 : 4;
 #pragma omp parallel for schedule(static) if (n * all * hd >= 32768)
     for (int64_t i = 0; i < n; ++i) {
         for (int64_t h = 0; h < all; ++h) {
-            const float *x = qk + i * qk_stride + h * hd;
+            const int64_t x = i * qk_stride + h * hd;
             const float *c = cos_ + (i * all + h) * hd, *s = sin_ + (i * all + h) * hd;
             if (h < heads) {
                 float *o = q_out + (i * heads + h) * hd;
-                for (int64_t j = 0; j < half; ++j) o[j] = x[j] * c[j] + x[j + half] * s[j];
-                for (int64_t j = half; j < hd; ++j) o[j] = x[j] * c[j] + x[j - half] * s[j];
+                for (int64_t j = 0; j < half; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j];
+                for (int64_t j = half; j < hd; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j];
             } else {
-                float *k = kc + (i * kv_heads + (h - heads)) * hd * cols + column;
-                for (int64_t j = 0; j < half; ++j) k[j * cols] = x[j] * c[j] + x[j + half] * s[j];
-                for (int64_t j = half; j < hd; ++j) k[j * cols] = x[j] * c[j] + x[j - half] * s[j];
+                const int64_t k = (i * kv_heads + (h - heads)) * hd * cols + column;
+                for (int64_t j = 0; j < half; ++j)
+                    st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j], bf);
+                for (int64_t j = half; j < hd; ++j)
+                    st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
             }
         }
         for (int64_t h = 0; h < kv_heads; ++h)
-            memcpy(vc + ((i * kv_heads + h) * cols + column) * hd, v + i * v_stride + h * hd, hd * sizeof(float));
+            memcpy((char *)vc + ((i * kv_heads + h) * cols + column) * hd * size,
+                   (const char *)v + (i * v_stride + h * hd) * size, hd * size);
     }
 }
 
+void lr_rope_store(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos_,
+                   const float *sin_, float *q_out, float *kc, float *vc, int64_t n, int64_t heads,
+                   int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
+    rope_store(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, n, heads, kv_heads, hd, cols, column, 0);
+}
+
+void lr_rope_store_bf16(const uint16_t *qk, int64_t qk_stride, const uint16_t *v, int64_t v_stride,
+                        const float *cos_, const float *sin_, float *q_out, uint16_t *kc, uint16_t *vc, int64_t n,
+                        int64_t heads, int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
+    rope_store(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, n, heads, kv_heads, hd, cols, column, 1);
+}
+
 #define QB 4  /* query heads per pass over a key/value head's cache */
+#ifdef __AVX512F__
+#define VB 4    /* score columns per register block, in vectors of 8: 32 registers hold QB x 4 accumulators */
+#define ACC 24  /* accumulators a block of the weighted sum may hold */
+#else
+#define VB 2    /* 16 registers (AVX2) */
+#define ACC 8
+#endif
+
+/* One register block of scores: s[r][j + 8i] (i < VECS) = sum over e, in order, of q[r][e] * keys[e][j + 8i]. */
+INLINE void score_block(const void *keys, int64_t cols, const float *q, int64_t hd, int64_t j, float *scores,
+                        int64_t stride, const int NR, const int VECS, const int bf) {
+    v8 a[QB][VB] = {{{0}}};
+    for (int64_t e = 0; e < hd; ++e) {
+        v8 k[VB];
+        for (int i = 0; i < VECS; ++i) k[i] = ld8(keys, e * cols + j + 8 * i, bf);
+        for (int r = 0; r < NR; ++r)
+            for (int i = 0; i < VECS; ++i) a[r][i] += k[i] * q[r * hd + e];
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < VECS; ++i) store8(scores + r * stride + j + 8 * i, a[r][i]);
+}
+
+/* scores[r][j] = sum over e, in order, of q[r][e] * keys[e][j], for the NR query heads q (NR rows of hd floats)
+ * and the first `width` columns of the transposed keys (hd rows, `cols` values apart): 8 x VB columns at a time
+ * held in registers across the whole head dimension, so each key is loaded once for all NR heads. Blocks run
+ * past `width` while they stay inside the `cols` columns (those scores are never read), so only the last
+ * columns of a full cache are done one by one. NR is a constant in each caller (1 to QB), so no lanes are spent
+ * on absent heads. `scores` rows are `stride` >= width + 8 x VB floats apart. */
+INLINE void scores_nr(const void *keys, int64_t cols, const float *q, int64_t hd, int64_t width, float *scores,
+                      int64_t stride, const int NR, const int bf) {
+    int64_t j = 0;
+    for (; j < width && j + 8 * VB <= cols; j += 8 * VB) score_block(keys, cols, q, hd, j, scores, stride, NR, VB, bf);
+    for (; j < width && j + 8 <= cols; j += 8) score_block(keys, cols, q, hd, j, scores, stride, NR, 1, bf);
+    for (; j < width; ++j)
+        for (int r = 0; r < NR; ++r) {
+            float a = 0.0f;
+            for (int64_t e = 0; e < hd; ++e) a += ld1(keys, e * cols + j, bf) * q[r * hd + e];
+            scores[r * stride + j] = a;
+        }
+}
+
+/* One register block of the output: out[r][e + 8i] (i < VECS) = sum over c < width, in order, of p[r][c] *
+ * values[c][e + 8i]. */
+INLINE void weighted_block(const void *values, const float *p, int64_t stride, int64_t hd, int64_t width,
+                           int64_t e, void *out, const int NR, const int VECS, const int bf) {
+    v8 a[QB][8] = {{{0}}};
+    for (int64_t c = 0; c < width; ++c) {
+        v8 v[8];
+        for (int i = 0; i < VECS; ++i) v[i] = ld8(values, c * hd + e + 8 * i, bf);
+        for (int r = 0; r < NR; ++r)
+            for (int i = 0; i < VECS; ++i) a[r][i] += v[i] * p[r * stride + c];
+    }
+    for (int r = 0; r < NR; ++r)
+        for (int i = 0; i < VECS; ++i) st8(out, r * hd + e + 8 * i, a[r][i], bf);
+}
+
+/* out[r][e] = sum over c < width, in order, of p[r][c] * values[c][e] for NR query heads, in register blocks of
+ * the head dimension as wide as the registers allow (ACC accumulators): a whole head of 64 for up to three query
+ * heads with AVX-512, so the values are then read once, in their order in memory. hd is a multiple of 16. */
+INLINE void weighted_nr(const void *values, const float *p, int64_t stride, int64_t hd, int64_t width, void *out,
+                        const int NR, const int bf) {
+    const int most = ACC / NR;
+    int64_t e = 0;
+    if (most >= 8)
+        for (; e + 64 <= hd; e += 64) weighted_block(values, p, stride, hd, width, e, out, NR, 8, bf);
+    if (most >= 4)
+        for (; e + 32 <= hd; e += 32) weighted_block(values, p, stride, hd, width, e, out, NR, 4, bf);
+    for (; e < hd; e += 16) weighted_block(values, p, stride, hd, width, e, out, NR, 2, bf);
+}
+
+/* softmax(s + b) of `width` scores in place (b: 0 or -inf per column, or NULL); exactly 0 where b is -inf. The
+ * maximum and the total are taken 8 lanes at a time, then across the lanes. */
+static void softmax_row(float *s, const float *b, int64_t width) {
+    const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8 tops = none;
+    int64_t c = 0;
+    for (; c + 8 <= width; c += 8) {
+        v8 v = load8(s + c);
+        if (b) store8(s + c, v = v + load8(b + c));
+        v8i up = v > tops;
+        tops = (v8)(((v8i)v & up) | ((v8i)tops & ~up));
+    }
+    float top = -INFINITY;
+    for (int k = 0; k < 8; ++k) top = tops[k] > top ? tops[k] : top;
+    for (; c < width; ++c) {
+        if (b) s[c] += b[c];
+        top = s[c] > top ? s[c] : top;
+    }
+    v8 totals = {0};
+    for (c = 0; c + 8 <= width; c += 8) {  /* exp(s - top), exactly 0 where the bias is -inf */
+        v8 v = load8(s + c);
+        v = (v8)((v8i)exp8(v - top) & (v > none));
+        store8(s + c, v);
+        totals += v;
+    }
+    float total = 0.0f;
+    for (; c < width; ++c) total += s[c] = s[c] == -INFINITY ? 0.0f : exp1(s[c] - top);
+    for (int k = 0; k < 8; ++k) total += totals[k];
+    const float inv = 1.0f / total;
+    for (c = 0; c < width; ++c) s[c] *= inv;
+}
+
+#define ATTEND_NR(NR)                                                                                     \
+    do {                                                                                                  \
+        scores_nr(keys, cols, qh, hd, width, scores, stride, NR, bf);                                     \
+        for (int r = 0; r < NR; ++r) softmax_row(scores + r * stride, b, width);                          \
+        weighted_nr(values, scores, stride, hd, width, o, NR, bf);                                        \
+    } while (0)
 
 /* Attention of one new query per head over the first `width` cache columns:
  * out = softmax(q k^T + bias) v, per row and query head, the queries already scaled.
- * q, out: (n, kv_heads, rep, hd): the rep query heads that share a key/value head are adjacent;
- * kc: (n, kv_heads, hd, cols), vc: (n, kv_heads, cols, hd); bias: (n, cols), 0 or -inf, or NULL.
- * hd must be a multiple of 16. Each (row, kv head) reads its keys and values once for all its query heads. */
-void lr_attend(const float *q, const float *kc, const float *vc, const float *bias, float *out, int64_t n,
-               int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
+ * q: (n, kv_heads, rep, hd) float32: the rep query heads that share a key/value head are adjacent;
+ * kc: (n, kv_heads, hd, cols), vc: (n, kv_heads, cols, hd), out: like q; bias: (n, cols) float32, 0 or -inf, or
+ * NULL. kc, vc and out are float32, or all bfloat16 (then the weights stay float32 and out is rounded once).
+ * hd must be a multiple of 16. Each (row, kv head) reads its keys and values once for up to QB of its query
+ * heads at a time. */
+INLINE void attend(const float *q, const void *kc, const void *vc, const float *bias, void *out, int64_t n,
+                   int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width, const int bf) {
+    const int64_t stride = width + 8 * VB, size = bf ? 2 : 4;
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * QB * (width + 8));
-        float *qbuf = malloc(sizeof(float) * QB * hd);
+        float *scores = malloc(sizeof(float) * QB * stride);
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < n * kv_heads; ++item) {
-            const float *keys = kc + item * hd * cols, *values = vc + item * cols * hd;
+            const void *keys = (const char *)kc + item * hd * cols * size;
+            const void *values = (const char *)vc + item * cols * hd * size;
             const float *b = bias ? bias + (item / kv_heads) * cols : NULL;
             for (int64_t r0 = 0; r0 < rep; r0 += QB) {
-                const int64_t nr = rep - r0 < QB ? rep - r0 : QB;
-                memset(qbuf, 0, sizeof(float) * QB * hd);
-                memcpy(qbuf, q + (item * rep + r0) * hd, sizeof(float) * nr * hd);
-                /* scores, row by row of the transposed keys (a sequential read of the cache): 8 columns at a
-                 * time for each query head, summed over the head dimension in order */
-                const int64_t wide = width - width % 8;
-                for (int64_t r = 0; r < QB; ++r) memset(scores + r * (width + 8), 0, sizeof(float) * width);
-                for (int64_t e = 0; e < hd; ++e) {
-                    const float *k = keys + e * cols;
-                    const float q0 = qbuf[e], q1 = qbuf[hd + e], q2 = qbuf[2 * hd + e], q3 = qbuf[3 * hd + e];
-                    float *s0 = scores, *s1 = s0 + (width + 8), *s2 = s1 + (width + 8), *s3 = s2 + (width + 8);
-                    for (int64_t j = 0; j < wide; j += 8) {
-                        v8 kj = load8(k + j);
-                        store8(s0 + j, load8(s0 + j) + kj * q0);
-                        store8(s1 + j, load8(s1 + j) + kj * q1);
-                        store8(s2 + j, load8(s2 + j) + kj * q2);
-                        store8(s3 + j, load8(s3 + j) + kj * q3);
-                    }
-                    for (int64_t j = wide; j < width; ++j) {
-                        s0[j] += k[j] * q0;
-                        s1[j] += k[j] * q1;
-                        s2[j] += k[j] * q2;
-                        s3[j] += k[j] * q3;
-                    }
-                }
-                /* softmax of each query head's scores (bias added first), in place */
-                for (int64_t r = 0; r < nr; ++r) {
-                    float *s = scores + r * (width + 8);
-                    if (b)
-                        for (int64_t c = 0; c < width; ++c) s[c] += b[c];
-                    float top = -INFINITY;
-                    for (int64_t c = 0; c < width; ++c) top = s[c] > top ? s[c] : top;
-                    const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                                     -INFINITY};
-                    int64_t c = 0;
-                    for (; c + 8 <= width; c += 8) {  /* exp(s - top), exactly 0 where the bias is -inf */
-                        v8 v = load8(s + c);
-                        store8(s + c, (v8)((v8i)exp8(v - top) & (v > none)));
-                    }
-                    for (; c < width; ++c) s[c] = s[c] == -INFINITY ? 0.0f : exp1(s[c] - top);
-                    float total = 0.0f;
-                    for (c = 0; c < width; ++c) total += s[c];
-                    const float inv = 1.0f / total;
-                    for (int64_t c = 0; c < width; ++c) s[c] *= inv;
-                }
-                /* out = weights @ values, row by row of the cache (a sequential read), summed over the columns
-                 * in order */
-                float *o = out + (item * rep + r0) * hd;
-                memset(o, 0, sizeof(float) * nr * hd);
-                for (int64_t c = 0; c < width; ++c) {
-                    const float *v = values + c * hd;
-                    for (int64_t r = 0; r < nr; ++r) {
-                        const float p = scores[r * (width + 8) + c];
-                        float *orow = o + r * hd;
-                        for (int64_t e = 0; e < hd; e += 8) store8(orow + e, load8(orow + e) + load8(v + e) * p);
-                    }
+                const float *qh = q + (item * rep + r0) * hd;
+                void *o = (char *)out + (item * rep + r0) * hd * size;
+                switch (rep - r0 < QB ? rep - r0 : QB) {
+                    case 1: ATTEND_NR(1); break;
+                    case 2: ATTEND_NR(2); break;
+                    case 3: ATTEND_NR(3); break;
+                    default: ATTEND_NR(4); break;
                 }
             }
         }
         free(scores);
-        free(qbuf);
     }
+}
+
+void lr_attend(const float *q, const float *kc, const float *vc, const float *bias, float *out, int64_t n,
+               int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
+    attend(q, kc, vc, bias, out, n, kv_heads, rep, hd, cols, width, 0);
+}
+
+void lr_attend_bf16(const float *q, const uint16_t *kc, const uint16_t *vc, const float *bias, uint16_t *out,
+                    int64_t n, int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
+    attend(q, kc, vc, bias, out, n, kv_heads, rep, hd, cols, width, 1);
 }
 
 #define BLOCK 256 /* vocabulary entries per block of the sampler's first level */

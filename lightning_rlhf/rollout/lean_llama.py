@@ -119,8 +119,8 @@ class LeanLlama:
         device = base.embed_tokens.weight.device
         usable = fused is not False and cpu_kernels.usable(dtype, self.head_dim, device)
         if fused and not usable:
-            raise ValueError(f"fused CPU decode kernels asked for, but they need a float32 model on a CPU with a "
-                             f"head size that is a multiple of 16 and a C compiler (here: {dtype}, {device}, "
+            raise ValueError(f"fused CPU decode kernels asked for, but they need a float32 or bfloat16 model on a "
+                             f"CPU with a head size that is a multiple of 16 and a C compiler (here: {dtype}, {device}, "
                              f"head size {self.head_dim}); leave rollout.engine_kwargs.cpu_kernels unset to use "
                              "them where they work")
         self.fused = usable
@@ -155,15 +155,17 @@ class LeanLlama:
         bf16/fp16 input computes in float32 and rounds once: the same numbers without two dtype copies)."""
         return weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
-    def rope(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def rope(self, positions: Tensor, dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor]:
         """cos, signed sin (n, heads + kv_heads, s, head_dim) for positions (n, s), from the model's own rotary
         module. The signed sin has its first half negated, so that rotating is `x * cos + x.roll(half) * sin`
         (`_rotate`); the query heads' rows are times the attention scale 1/sqrt(head_dim), so a rotated query
-        times a key is the scaled score (exact in any dtype when head_dim is a power of 4, e.g. 64)."""
-        cos, sin = self.rotary(self.embed[:1], positions)
+        times a key is the scaled score (exact in any dtype when head_dim is a power of 4, e.g. 64). In `dtype`,
+        default the model's."""
+        dtype = dtype or self.dtype
+        cos, sin = self.rotary(self.embed[:1].to(dtype), positions)  # the rotary module returns x's dtype
         half = sin.shape[-1] // 2
         sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
-        return (cos[:, None] * self.qk_scale).to(self.dtype), (sin[:, None] * self.qk_scale).to(self.dtype)
+        return (cos[:, None] * self.qk_scale).to(dtype), (sin[:, None] * self.qk_scale).to(dtype)
 
     @staticmethod
     def _rotate(x: Tensor, cos: Tensor, signed_sin: Tensor) -> Tensor:
@@ -234,9 +236,10 @@ class LeanLlama:
 
     def _decode_fused(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
         """`decode` through `cpu_kernels`: per layer, four projections (torch's) and four fused kernels. The
-        residual stream `x` is updated in place: each residual add rides on the next RMSNorm."""
+        residual stream `x` is updated in place: each residual add rides on the next RMSNorm. The rotation and
+        the attention run in float32 for a bfloat16 model too (queries, scores and weights are never rounded)."""
         n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
-        cos, sin = (t.reshape(n, -1, hd) for t in self.rope(positions[:, None]))
+        cos, sin = (t.reshape(n, -1, hd) for t in self.rope(positions[:, None], torch.float32))
         x, pending = F.embedding(tokens, self.embed), None
         for layer, (kc, vc) in zip(self.layers, cache.kv):
             h = k.add_rms_norm(x, pending, layer.ln1, self.eps)
