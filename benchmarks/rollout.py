@@ -11,8 +11,8 @@ tokens/s, the ratio, and the achieved model FLOP/s as a share of this machine's 
 precision (`python -m lightning_rlhf doctor`), the highest of the readings taken at the start and after each
 static timing (CPU speed drifts; the highest reading gives the lowest share). Model FLOPs are 2 x (parameters
 without the input embedding) per token, prompt and generated; attention is left out. The median of `--repeats`
-runs is reported. `--unfused` also times the static engine without its fused CPU kernels; `--batches 64` and `--tiny ""` narrow
-the run.
+runs is reported. `--unfused` also times the static engine without its fused CPU kernels; `--batches 64` and
+`--tiny ""` narrow the run.
 """
 
 from __future__ import annotations

@@ -181,13 +181,19 @@ def test_bfloat16_sampling_is_close_to_float32():
     assert 0 < (tf - ro.logprobs)[real].abs().mean() < 0.05  # different, by bf16 rounding only
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_shared_prompt_forward_equals_full_forward_with_gradients(monkeypatch, tied):
+@pytest.mark.parametrize("tied,shuffled", [(False, False), (True, False), (False, True)])
+def test_shared_prompt_forward_equals_full_forward_with_gradients(monkeypatch, tied, shuffled):
     model = llama(tie_word_embeddings=tied)  # tied: the embedding's gradient comes from the lm head and the lookup
     torch.manual_seed(3)
     ro = run("static", model, num_generations=4, temperature=1.0)
+    if shuffled:  # rows that share a prompt no longer consecutive: the prompts are matched up by torch.unique
+        ro = ro.select(torch.randperm(len(ro)))
+    spread = []  # grouped rows take the broadcast copy of the prompt's cache; shuffled ones a reordering
+    spread_cache = teacher_forcing._spread_cache
+    monkeypatch.setattr(teacher_forcing, "_spread_cache", lambda *a: spread.append(spread_cache(*a)))
     with torch.no_grad():
         assert teacher_forcing._shared_prompt_logits(model, ro) is not None  # the shared path is the one tested
+    assert len(spread) == (not shuffled)
     assert (teacher_forcing._tied_embedding(model) is not None) == tied  # tied: its lookup's gradient is sparse
     weights = torch.randn(ro.logprobs.shape)
     full_model = copy.deepcopy(model)

@@ -18,6 +18,7 @@ from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+from transformers import cache_utils
 
 from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from lightning_rlhf.models.lora import unwrap_peft
@@ -58,18 +59,38 @@ def _shared_prompt_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
             or _checkpointing(model)):
         return None
     keys = torch.cat([ro.prompt_ids, ro.prompt_mask.long()], dim=1)
-    distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
-    if distinct.shape[0] == len(ro) or bool((distinct[:, p:-1].sum(1) == 0).any()):
+    g = ro.group_size
+    if g > 1 and len(ro) % g == 0 and torch.equal(keys.view(-1, g, keys.shape[1]), keys[::g, None].expand(-1, g, -1)):
+        distinct, inverse = keys[::g], None  # each group of g consecutive rows shares its prompt (GRPO's rollouts)
+    else:
+        distinct, inverse = torch.unique(keys, dim=0, return_inverse=True)
+        if distinct.shape[0] == len(ro):
+            return None
+    if bool((distinct[:, p:-1].sum(1) == 0).any()):
         return None
     ids, mask = distinct[:, : p - 1], distinct[:, p : 2 * p - 1]
     head = decoder(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0), use_cache=True)
     cache = head[cache_arg] if cache_arg in head else head.past_key_values
-    cache.reorder_cache(inverse)
+    _spread_cache(cache, len(distinct), g) if inverse is None else cache.reorder_cache(inverse)
     inputs = torch.cat([ro.prompt_ids[:, -1:], ro.response_ids[:, :-1]], dim=1)
     rest = model(input_ids=inputs, attention_mask=ro.attention_mask[:, : p + t - 1],
                  position_ids=ro.position_ids[:, p - 1 : p + t - 1], use_cache=True, logits_to_keep=t,
                  **{cache_arg: cache})
     return rest.logits
+
+
+def _spread_cache(cache, rows: int, g: int) -> None:
+    """Each of the cache's `rows` rows repeated for g consecutive rows. Where the layers hold plain `keys` /
+    `values` tensors (HF's DynamicLayer) this is a broadcast copy, whose gradient is a sum over each group;
+    beam-search reordering's `index_select` (the fallback) costs a scatter-add in the backward instead."""
+    layers, plain = getattr(cache, "layers", None), getattr(cache_utils, "DynamicLayer", None)
+    if not layers or plain is None or any(type(layer) is not plain for layer in layers):
+        cache.reorder_cache(torch.arange(rows).repeat_interleave(g))
+        return
+    for layer in layers:
+        for name in ("keys", "values"):
+            t = getattr(layer, name)
+            setattr(layer, name, t[:, None].expand(-1, g, *t.shape[1:]).reshape(-1, *t.shape[1:]))
 
 
 def _tied_embedding(model: torch.nn.Module) -> torch.nn.Embedding | None:
