@@ -41,8 +41,9 @@ static inline void store8h(uint16_t *p, v8 x) {
 }
 
 /* Loads and stores of 8 values, or one, at element i of a float32 (bf = 0) or bfloat16 (bf = 1) array; `rnd`
- * rounds float32 values to what a bfloat16 store keeps (nothing when bf = 0). Each kernel is written once over
- * these and instantiated for both element types (bf is a constant in every caller, so the tests fold away). */
+ * rounds float32 values to what a bfloat16 store keeps (nothing when bf = 0). Each kernel's work on one row is
+ * written once over these, inlined with a constant bf into each exported function's own OpenMP loop (a loop
+ * inside the shared function would be outlined once, with bf a variable tested in every inner loop). */
 #define INLINE static inline __attribute__((always_inline))
 INLINE v8 ld8(const void *p, int64_t i, const int bf) {
     return bf ? load8h((const uint16_t *)p + i) : load8((const float *)p + i);
@@ -96,65 +97,63 @@ static inline float exp1(float x) {
 /* x += y (when y is not NULL), then out = w * x / sqrt(mean(x^2) + eps), row by row: a residual add and the
  * next RMSNorm in one pass. x, y, out: (n, d) rows of `d` values, contiguous; w: (d,). In bfloat16 the sum is
  * rounded as it is stored, and x / sqrt(...) before it is times w, as HF's RMSNorm rounds. */
-INLINE void add_rms_norm(void *x, const void *y, const void *w, void *out, int64_t n, int64_t d, float eps,
-                         const int bf) {
-#pragma omp parallel for schedule(static) if (n * d >= 32768)
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t row = i * d;
-        if (y) {
-            int64_t j = 0;
-            for (; j + 8 <= d; j += 8) st8(x, row + j, ld8(x, row + j, bf) + ld8(y, row + j, bf), bf);
-            for (; j < d; ++j) st1(x, row + j, ld1(x, row + j, bf) + ld1(y, row + j, bf), bf);
-        }
-        v8 acc = {0};
+INLINE void add_rms_norm_row(void *x, const void *y, const void *w, void *out, int64_t i, int64_t d, float eps,
+                             const int bf) {
+    const int64_t row = i * d;
+    if (y) {
         int64_t j = 0;
-        for (; j + 8 <= d; j += 8) { v8 v = ld8(x, row + j, bf); acc += v * v; }
-        float ss = 0.0f;
-        for (; j < d; ++j) ss += ld1(x, row + j, bf) * ld1(x, row + j, bf);
-        for (int k = 0; k < 8; ++k) ss += acc[k];
-        const float inv = 1.0f / sqrtf(ss / (float)d + eps);
-        for (j = 0; j + 8 <= d; j += 8) st8(out, row + j, ld8(w, j, bf) * rnd8(ld8(x, row + j, bf) * inv, bf), bf);
-        for (; j < d; ++j) st1(out, row + j, ld1(w, j, bf) * rnd1(ld1(x, row + j, bf) * inv, bf), bf);
+        for (; j + 8 <= d; j += 8) st8(x, row + j, ld8(x, row + j, bf) + ld8(y, row + j, bf), bf);
+        for (; j < d; ++j) st1(x, row + j, ld1(x, row + j, bf) + ld1(y, row + j, bf), bf);
     }
+    v8 acc = {0};
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) { v8 v = ld8(x, row + j, bf); acc += v * v; }
+    float ss = 0.0f;
+    for (; j < d; ++j) ss += ld1(x, row + j, bf) * ld1(x, row + j, bf);
+    for (int k = 0; k < 8; ++k) ss += acc[k];
+    const float inv = 1.0f / sqrtf(ss / (float)d + eps);
+    for (j = 0; j + 8 <= d; j += 8) st8(out, row + j, ld8(w, j, bf) * rnd8(ld8(x, row + j, bf) * inv, bf), bf);
+    for (; j < d; ++j) st1(out, row + j, ld1(w, j, bf) * rnd1(ld1(x, row + j, bf) * inv, bf), bf);
 }
 
 void lr_add_rms_norm(float *x, const float *y, const float *w, float *out, int64_t n, int64_t d, float eps) {
-    add_rms_norm(x, y, w, out, n, d, eps, 0);
+#pragma omp parallel for schedule(static) if (n * d >= 32768)
+    for (int64_t i = 0; i < n; ++i) add_rms_norm_row(x, y, w, out, i, d, eps, 0);
 }
 
 void lr_add_rms_norm_bf16(uint16_t *x, const uint16_t *y, const uint16_t *w, uint16_t *out, int64_t n, int64_t d,
                           float eps) {
-    add_rms_norm(x, y, w, out, n, d, eps, 1);
+#pragma omp parallel for schedule(static) if (n * d >= 32768)
+    for (int64_t i = 0; i < n; ++i) add_rms_norm_row(x, y, w, out, i, d, eps, 1);
 }
 
 /* out = silu(g) * u = g / (1 + exp(-g)) * u. g, u: rows of m values, `g_stride` / `u_stride` apart (a stacked
  * gate-up output is one tensor with both halves in a row); out: (n, m) contiguous. In bfloat16, silu(g) is
  * rounded before the product, as torch's two kernels round. */
-INLINE void silu_mul(const void *g, int64_t g_stride, const void *u, int64_t u_stride, void *out, int64_t n,
-                     int64_t m, const int bf) {
-#pragma omp parallel for schedule(static) if (n * m >= 32768)
-    for (int64_t i = 0; i < n; ++i) {
-        const int64_t gi = i * g_stride, ui = i * u_stride, oi = i * m;
-        int64_t j = 0;
-        for (; j + 8 <= m; j += 8) {
-            v8 g8 = ld8(g, gi + j, bf);
-            st8(out, oi + j, rnd8(g8 / (1.0f + exp8(-g8)), bf) * ld8(u, ui + j, bf), bf);
-        }
-        for (; j < m; ++j) {
-            const float g1 = ld1(g, gi + j, bf);
-            st1(out, oi + j, rnd1(g1 / (1.0f + exp1(-g1)), bf) * ld1(u, ui + j, bf), bf);
-        }
+INLINE void silu_mul_row(const void *g, int64_t g_stride, const void *u, int64_t u_stride, void *out, int64_t i,
+                         int64_t m, const int bf) {
+    const int64_t gi = i * g_stride, ui = i * u_stride, oi = i * m;
+    int64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        v8 g8 = ld8(g, gi + j, bf);
+        st8(out, oi + j, rnd8(g8 / (1.0f + exp8(-g8)), bf) * ld8(u, ui + j, bf), bf);
+    }
+    for (; j < m; ++j) {
+        const float g1 = ld1(g, gi + j, bf);
+        st1(out, oi + j, rnd1(g1 / (1.0f + exp1(-g1)), bf) * ld1(u, ui + j, bf), bf);
     }
 }
 
 void lr_silu_mul(const float *g, int64_t g_stride, const float *u, int64_t u_stride, float *out, int64_t n,
                  int64_t m) {
-    silu_mul(g, g_stride, u, u_stride, out, n, m, 0);
+#pragma omp parallel for schedule(static) if (n * m >= 32768)
+    for (int64_t i = 0; i < n; ++i) silu_mul_row(g, g_stride, u, u_stride, out, i, m, 0);
 }
 
 void lr_silu_mul_bf16(const uint16_t *g, int64_t g_stride, const uint16_t *u, int64_t u_stride, uint16_t *out,
                       int64_t n, int64_t m) {
-    silu_mul(g, g_stride, u, u_stride, out, n, m, 1);
+#pragma omp parallel for schedule(static) if (n * m >= 32768)
+    for (int64_t i = 0; i < n; ++i) silu_mul_row(g, g_stride, u, u_stride, out, i, m, 1);
 }
 
 /* Rotate the new token's queries and keys (RoPE), write the rotated queries to q_out (n, heads, hd), float32,
@@ -165,43 +164,44 @@ void lr_silu_mul_bf16(const uint16_t *g, int64_t g_stride, const uint16_t *u, in
  * them, so that rotated = x * cos + roll(x, hd / 2) * sin;
  * kc: (n, kv_heads, hd, cols), keys stored transposed; vc: (n, kv_heads, cols, hd). qk, v, kc, vc: float32, or
  * all bfloat16 (the rotation in float32, the keys rounded once as they are stored). */
-INLINE void rope_store(const void *qk, int64_t qk_stride, const void *v, int64_t v_stride, const float *cos_,
-                       const float *sin_, float *q_out, void *kc, void *vc, int64_t n, int64_t heads,
-                       int64_t kv_heads, int64_t hd, int64_t cols, int64_t column, const int bf) {
+INLINE void rope_store_row(const void *qk, int64_t qk_stride, const void *v, int64_t v_stride, const float *cos_,
+                           const float *sin_, float *q_out, void *kc, void *vc, int64_t i, int64_t heads,
+                           int64_t kv_heads, int64_t hd, int64_t cols, int64_t column, const int bf) {
     const int64_t half = hd / 2, all = heads + kv_heads, size = bf ? 2 : 4;
-#pragma omp parallel for schedule(static) if (n * all * hd >= 32768)
-    for (int64_t i = 0; i < n; ++i) {
-        for (int64_t h = 0; h < all; ++h) {
-            const int64_t x = i * qk_stride + h * hd;
-            const float *c = cos_ + (i * all + h) * hd, *s = sin_ + (i * all + h) * hd;
-            if (h < heads) {
-                float *o = q_out + (i * heads + h) * hd;
-                for (int64_t j = 0; j < half; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j];
-                for (int64_t j = half; j < hd; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j];
-            } else {
-                const int64_t k = (i * kv_heads + (h - heads)) * hd * cols + column;
-                for (int64_t j = 0; j < half; ++j)
-                    st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j], bf);
-                for (int64_t j = half; j < hd; ++j)
-                    st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
-            }
+    for (int64_t h = 0; h < all; ++h) {
+        const int64_t x = i * qk_stride + h * hd;
+        const float *c = cos_ + (i * all + h) * hd, *s = sin_ + (i * all + h) * hd;
+        if (h < heads) {
+            float *o = q_out + (i * heads + h) * hd;
+            for (int64_t j = 0; j < half; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j];
+            for (int64_t j = half; j < hd; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j];
+        } else {
+            const int64_t k = (i * kv_heads + (h - heads)) * hd * cols + column;
+            for (int64_t j = 0; j < half; ++j)
+                st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j], bf);
+            for (int64_t j = half; j < hd; ++j)
+                st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
         }
-        for (int64_t h = 0; h < kv_heads; ++h)
-            memcpy((char *)vc + ((i * kv_heads + h) * cols + column) * hd * size,
-                   (const char *)v + (i * v_stride + h * hd) * size, hd * size);
     }
+    for (int64_t h = 0; h < kv_heads; ++h)
+        memcpy((char *)vc + ((i * kv_heads + h) * cols + column) * hd * size,
+               (const char *)v + (i * v_stride + h * hd) * size, hd * size);
 }
 
 void lr_rope_store(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos_,
                    const float *sin_, float *q_out, float *kc, float *vc, int64_t n, int64_t heads,
                    int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
-    rope_store(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, n, heads, kv_heads, hd, cols, column, 0);
+#pragma omp parallel for schedule(static) if (n * (heads + kv_heads) * hd >= 32768)
+    for (int64_t i = 0; i < n; ++i)
+        rope_store_row(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, i, heads, kv_heads, hd, cols, column, 0);
 }
 
 void lr_rope_store_bf16(const uint16_t *qk, int64_t qk_stride, const uint16_t *v, int64_t v_stride,
                         const float *cos_, const float *sin_, float *q_out, uint16_t *kc, uint16_t *vc, int64_t n,
                         int64_t heads, int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
-    rope_store(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, n, heads, kv_heads, hd, cols, column, 1);
+#pragma omp parallel for schedule(static) if (n * (heads + kv_heads) * hd >= 32768)
+    for (int64_t i = 0; i < n; ++i)
+        rope_store_row(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, i, heads, kv_heads, hd, cols, column, 1);
 }
 
 #define QB 4  /* query heads per pass over a key/value head's cache */
@@ -321,40 +321,47 @@ static void softmax_row(float *s, const float *b, int64_t width) {
  * NULL. kc, vc and out are float32, or all bfloat16 (then the weights stay float32 and out is rounded once).
  * hd must be a multiple of 16. Each (row, kv head) reads its keys and values once for up to QB of its query
  * heads at a time. */
-INLINE void attend(const float *q, const void *kc, const void *vc, const float *bias, void *out, int64_t n,
-                   int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width, const int bf) {
+INLINE void attend_item(const float *q, const void *kc, const void *vc, const float *bias, void *out, int64_t item,
+                        int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width, float *scores,
+                        const int bf) {
     const int64_t stride = width + 8 * VB, size = bf ? 2 : 4;
-#pragma omp parallel
-    {
-        float *scores = malloc(sizeof(float) * QB * stride);
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < n * kv_heads; ++item) {
-            const void *keys = (const char *)kc + item * hd * cols * size;
-            const void *values = (const char *)vc + item * cols * hd * size;
-            const float *b = bias ? bias + (item / kv_heads) * cols : NULL;
-            for (int64_t r0 = 0; r0 < rep; r0 += QB) {
-                const float *qh = q + (item * rep + r0) * hd;
-                void *o = (char *)out + (item * rep + r0) * hd * size;
-                switch (rep - r0 < QB ? rep - r0 : QB) {
-                    case 1: ATTEND_NR(1); break;
-                    case 2: ATTEND_NR(2); break;
-                    case 3: ATTEND_NR(3); break;
-                    default: ATTEND_NR(4); break;
-                }
-            }
+    const void *keys = (const char *)kc + item * hd * cols * size;
+    const void *values = (const char *)vc + item * cols * hd * size;
+    const float *b = bias ? bias + (item / kv_heads) * cols : NULL;
+    for (int64_t r0 = 0; r0 < rep; r0 += QB) {
+        const float *qh = q + (item * rep + r0) * hd;
+        void *o = (char *)out + (item * rep + r0) * hd * size;
+        switch (rep - r0 < QB ? rep - r0 : QB) {
+            case 1: ATTEND_NR(1); break;
+            case 2: ATTEND_NR(2); break;
+            case 3: ATTEND_NR(3); break;
+            default: ATTEND_NR(4); break;
         }
-        free(scores);
     }
 }
 
 void lr_attend(const float *q, const float *kc, const float *vc, const float *bias, float *out, int64_t n,
                int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
-    attend(q, kc, vc, bias, out, n, kv_heads, rep, hd, cols, width, 0);
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * QB * (width + 8 * VB));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n * kv_heads; ++item)
+            attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 0);
+        free(scores);
+    }
 }
 
 void lr_attend_bf16(const float *q, const uint16_t *kc, const uint16_t *vc, const float *bias, uint16_t *out,
                     int64_t n, int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
-    attend(q, kc, vc, bias, out, n, kv_heads, rep, hd, cols, width, 1);
+#pragma omp parallel
+    {
+        float *scores = malloc(sizeof(float) * QB * (width + 8 * VB));
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < n * kv_heads; ++item)
+            attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 1);
+        free(scores);
+    }
 }
 
 #define BLOCK 256 /* vocabulary entries per block of the sampler's first level */
