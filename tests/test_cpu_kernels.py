@@ -122,15 +122,21 @@ def test_attend_gives_a_masked_column_no_weight_at_all():
     assert torch.allclose(K.attend(q, kc, vc, None, 2), torch.full((1, 1, 16), 3.0))
 
 
-@needs_kernels
-def test_the_fused_decode_step_gives_the_eager_logits():
+def _model_and_prompts(seed: int):
+    """A small random Llama (6 query heads over 2 key/value heads) and two prompts of 5, one left-padded."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(4)
+    torch.manual_seed(seed)
     model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
                                          num_attention_heads=6, num_key_value_heads=2)).eval()
     ids = torch.randint(3, 300, (2, 5))
     mask = torch.ones_like(ids)
     mask[1, :2] = 0  # padding: the cache's -inf bias
+    return model, ids, mask
+
+
+@needs_kernels
+def test_the_fused_decode_step_gives_the_eager_logits():
+    model, ids, mask = _model_and_prompts(4)
     eager, fused = (LeanLlama.from_model(model, rows=6, fused=f) for f in (False, True))
     assert fused.fused and not eager.fused
     with torch.no_grad():
@@ -204,13 +210,7 @@ def test_bf16_rope_store_and_attend_compute_in_float32():
 
 @needs_kernels
 def test_the_fused_bf16_decode_step_is_as_close_to_float32_as_the_eager_one():
-    from transformers import LlamaConfig, LlamaForCausalLM
-    torch.manual_seed(7)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=300, hidden_size=96, intermediate_size=200, num_hidden_layers=2,
-                                         num_attention_heads=6, num_key_value_heads=2)).eval()
-    ids = torch.randint(3, 300, (2, 5))
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
+    model, ids, mask = _model_and_prompts(7)
     sides = [LeanLlama.from_model(model, dt, rows=6, fused=f)
              for dt, f in ((torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True))]
     assert sides[2].fused and not sides[1].fused

@@ -121,8 +121,8 @@ class LeanLlama:
         if fused and not usable:
             raise ValueError(f"fused CPU decode kernels asked for, but they need a float32 or bfloat16 model on a "
                              f"CPU with a head size that is a multiple of 16 and a C compiler (here: {dtype}, "
-                             f"{device}, head size {self.head_dim}); leave rollout.engine_kwargs.cpu_kernels unset to use "
-                             "them where they work")
+                             f"{device}, head size {self.head_dim}); leave rollout.engine_kwargs.cpu_kernels unset "
+                             "to use them where they work")
         self.fused = usable
         self.rotary = base.rotary_emb
         # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
