@@ -36,12 +36,10 @@ SHAPES = {  # rows, query heads, kv heads, head size, layers, columns, width
 
 
 def build(source: str, name: str) -> ctypes.CDLL:
-    """`source` compiled as the engine compiles its kernels, loaded."""
+    """`source` compiled as the engine compiles its kernels (`cpu_kernels.build`), loaded."""
     folder = Path(tempfile.mkdtemp())
     (folder / "k.c").write_text(source)
-    compiler = os.environ.get("CC") or "cc"
-    subprocess.run([compiler, *cpu_kernels.FLAGS, str(folder / "k.c"), "-o", str(folder / f"{name}.so"), "-lm"],
-                   check=True)
+    cpu_kernels.build(os.environ.get("CC") or "cc", folder / f"{name}.so", folder / "k.c")
     return ctypes.CDLL(str(folder / f"{name}.so"))
 
 

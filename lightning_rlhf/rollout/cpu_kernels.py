@@ -79,13 +79,14 @@ def library_path(compiler: str) -> Path:
     return root / f"decode-{key}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
+def build(compiler: str, target: Path, source: Path = SOURCE) -> None:
+    """Compile `source` (default: the engine's kernels) with FLAGS into the shared library `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
         out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", str(out), "-lm"], capture_output=True, text=True)
+        proc = subprocess.run([compiler, *FLAGS, str(source), "-o", str(out), "-lm"], capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{compiler} failed on {SOURCE.name}: {proc.stderr.strip()[-1500:]}")
+            raise RuntimeError(f"{compiler} failed on {source.name}: {proc.stderr.strip()[-1500:]}")
         os.replace(out, target)
 
 
@@ -102,7 +103,7 @@ def kernels() -> ctypes.CDLL | None:
         target = library_path(compiler)
         if not target.exists():
             log.info("building the fused CPU decode kernels once into %s", target)
-            _build(compiler, target)
+            build(compiler, target)
         lib = ctypes.CDLL(str(target))
         for name, args in SIGNATURES.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None

@@ -212,6 +212,8 @@ void lr_rope_store_bf16(const uint16_t *qk, int64_t qk_stride, const uint16_t *v
 #define VB 2    /* 16 registers (AVX2) */
 #define ACC 8
 #endif
+/* floats between the rows of a query head's scores: blocks of 8 x VB columns may run past `width` */
+#define SCORE_STRIDE(width) ((width) + 8 * VB)
 
 /* One register block of scores: s[r][j + 8i] (i < VECS) = sum over e, in order, of q[r][e] * keys[e][j + 8i]. */
 INLINE void score_block(const void *keys, int64_t cols, const float *q, int64_t hd, int64_t j, float *scores,
@@ -324,7 +326,7 @@ static void softmax_row(float *s, const float *b, int64_t width) {
 INLINE void attend_item(const float *q, const void *kc, const void *vc, const float *bias, void *out, int64_t item,
                         int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width, float *scores,
                         const int bf) {
-    const int64_t stride = width + 8 * VB, size = bf ? 2 : 4;
+    const int64_t stride = SCORE_STRIDE(width), size = bf ? 2 : 4;
     const void *keys = (const char *)kc + item * hd * cols * size;
     const void *values = (const char *)vc + item * cols * hd * size;
     const float *b = bias ? bias + (item / kv_heads) * cols : NULL;
@@ -344,7 +346,7 @@ void lr_attend(const float *q, const float *kc, const float *vc, const float *bi
                int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * QB * (width + 8 * VB));
+        float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(width));
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < n * kv_heads; ++item)
             attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 0);
@@ -356,7 +358,7 @@ void lr_attend_bf16(const float *q, const uint16_t *kc, const uint16_t *vc, cons
                     int64_t n, int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
 #pragma omp parallel
     {
-        float *scores = malloc(sizeof(float) * QB * (width + 8 * VB));
+        float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(width));
 #pragma omp for schedule(static)
         for (int64_t item = 0; item < n * kv_heads; ++item)
             attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 1);
