@@ -68,7 +68,8 @@ def main() -> None:
                     for name, mod in (("base", base), ("current", current))}
         prefilled = {name: lean.prefill(ids, mask) for name, (_, lean) in versions.items()}
         for repeat in range(a.repeats):
-            caches = {name: mod.StaticKVCache(lean, prefilled[name][1], mask, g, prompt + 64)
+            caches = {name: lean.new_cache(prefilled[name][1], mask, g, 64) if hasattr(lean, "new_cache")
+                      else mod.StaticKVCache(lean, prefilled[name][1], mask, g, prompt + 64)
                       for name, (mod, lean) in versions.items()}
             for i in range(63):
                 logits = {}

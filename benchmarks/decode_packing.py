@@ -23,7 +23,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.rollout import SMOLLM2, load  # noqa: E402
 from lightning_rlhf.algorithms.runtime import cpu_model, keep_freed_memory  # noqa: E402
 from lightning_rlhf.models import cpu_linear  # noqa: E402
-from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache  # noqa: E402
+from lightning_rlhf.rollout.lean_llama import LeanLlama  # noqa: E402
 
 
 def packing(lean: LeanLlama) -> str:
@@ -59,7 +59,7 @@ def main() -> None:
         _, kvs = versions["probe"].prefill(ids, mask)
         times = {name: 0.0 for name in versions}
         for _ in range(a.repeats):
-            caches = {name: StaticKVCache(lean, kvs, mask, g, prompt + 64) for name, lean in versions.items()}
+            caches = {name: lean.new_cache(kvs, mask, g, 64) for name, lean in versions.items()}
             for i in range(63):
                 order = list(versions.items())
                 for name, lean in order if i % 2 else order[::-1]:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_rlhf.rollout import cpu_kernels as K
-from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache
+from lightning_rlhf.rollout.lean_llama import LeanLlama, SharedPromptKVCache, StaticKVCache
 
 needs_kernels = pytest.mark.skipif(K.kernels() is None, reason="no C compiler: the fused kernels cannot be built")
 
@@ -66,26 +66,28 @@ def test_silu_mul_by_hand_and_on_the_halves_of_a_stacked_output():
     assert (K.silu_mul(gate, up) - F.silu(gate) * up).abs().max() < 1e-5
 
 
-def _eager_rope_store(lean_rotate, qk, v, cos, sin, kc, vc, heads, column):
-    rotated = lean_rotate(qk, cos, sin)
-    kc[:, :, :, column] = rotated[:, heads:]
-    vc[:, :, column] = v
-    return rotated[:, :heads]
+def test_blocked_keys_hold_each_block_of_32_columns_transposed():
+    # keys (P = 3 columns, hd = 2): column c = [10c, 10c + 1]. Blocked: (1 block, hd 2, 32), entry [e, c] = key e
+    # of column c, 0 past the third column; unblocked_keys gives the columns back, padded to 32
+    keys = torch.tensor([[0.0, 1.0], [10.0, 11.0], [20.0, 21.0]])
+    blocked = K.blocked_keys(keys)
+    assert blocked.shape == (1, 2, 32)
+    assert blocked[0, :, :3].tolist() == [[0.0, 10.0, 20.0], [1.0, 11.0, 21.0]] and blocked[0, :, 3:].abs().sum() == 0
+    assert torch.equal(K.unblocked_keys(blocked)[:3], keys)
+    assert K.blocked_keys(torch.zeros(4, 0, 2), 33).shape == (4, 2, 2, 32)  # room for 33 columns: two blocks
 
 
 @needs_kernels
-def test_rope_store_rotates_and_writes_the_cache_as_the_eager_ops_do():
+def test_rope_rotates_queries_and_keys_as_the_eager_ops_do():
     torch.manual_seed(2)
-    n, heads, kv, hd, cols, column = 3, 6, 2, 16, 9, 4
+    n, heads, kv, hd = 3, 6, 2, 16
     stacked = torch.randn(n, (heads + 2 * kv) * hd)  # q, k, v of one stacked projection: strided row views
-    qk, v = stacked[:, :(heads + kv) * hd].view(n, heads + kv, hd), stacked[:, (heads + kv) * hd:].view(n, kv, hd)
+    qk = stacked[:, :(heads + kv) * hd].view(n, heads + kv, hd)
     cos, sin = torch.randn(n, heads + kv, hd), torch.randn(n, heads + kv, hd)
-    caches = [(torch.zeros(n, kv, hd, cols), torch.zeros(n, kv, cols, hd)) for _ in range(2)]
-    want = _eager_rope_store(LeanLlama._rotate, qk, v, cos, sin, *caches[0], heads, column)
-    got = K.rope_store(qk, v, cos, sin, *caches[1], heads, column)
-    assert (got - want).abs().max() < 1e-6
-    assert (caches[0][0] - caches[1][0]).abs().max() < 1e-6 and torch.equal(caches[0][1], caches[1][1])
-    assert caches[1][0][..., column + 1:].abs().sum() == 0  # nothing written past the column
+    rotated = LeanLlama._rotate(qk, cos, sin)
+    q, k = K.rope(qk, cos, sin, heads)
+    assert q.shape == (n, heads, hd) and k.shape == (n, kv, hd)
+    assert (q - rotated[:, :heads]).abs().max() < 1e-6 and (k - rotated[:, heads:]).abs().max() < 1e-6
 
 
 def _eager_attend(q, kc, vc, bias, width):
@@ -97,29 +99,75 @@ def _eager_attend(q, kc, vc, bias, width):
     return torch.matmul(scores.softmax(-1), vc[:, :, :width]).view(n, heads, hd)
 
 
+def _attend_new(q, pk, pv, bias, of_row, k, v, width, strided: bool = False):
+    """K.attend with a new key and value (random) for column width - 1, checking they were written there."""
+    n, kv, _, hd = v.shape
+    new_k = torch.randn(n, kv, hd).to(v.dtype)
+    new_v = torch.randn(n, 2 * kv * hd)[:, kv * hd:].view(n, kv, hd) if strided else torch.randn(n, kv, hd)
+    got = K.attend(q, pk, pv, bias, of_row, k, v, new_k, new_v.to(v.dtype), width)
+    assert torch.equal(K.unblocked_keys(k)[:, :, width - 1], new_k) and torch.equal(v[:, :, width - 1], new_v.to(v.dtype))
+    return got
+
+
+def _per_row(prompt_k, prompt_v, prompt_bias, prompt_of_row, k, v, width):
+    """Each row's whole cache (its prompt's columns, then its own first `width`) and bias, as the eager step has
+    them: keys (n, kv, hd, columns)."""
+    plen = prompt_v.shape[2]
+    keys = [K.unblocked_keys(prompt_k)[:, :, :plen][prompt_of_row], K.unblocked_keys(k)[:, :, :width]]
+    kc = torch.cat(keys, dim=2).transpose(2, 3)
+    vc = torch.cat([prompt_v[prompt_of_row], v[:, :, :width]], dim=2)
+    bias = None if prompt_bias is None else torch.cat([prompt_bias[prompt_of_row], torch.zeros(k.shape[0], width)], -1)
+    return kc, vc, bias, kc.shape[-1]
+
+
 @needs_kernels
 @pytest.mark.parametrize("kv,rep", [(4, 1), (2, 3), (1, 5)])  # rep 5: two passes of at most 4 query heads
-@pytest.mark.parametrize("width", [1, 7, 8, 9, 37])  # below, at and past the 8-column blocks
-def test_attend_matches_the_eager_softmax_attention(kv, rep, width):
+@pytest.mark.parametrize("width", [1, 7, 8, 9, 37, 64])  # below, at and past blocks of 8, 16 and 32 columns
+@pytest.mark.parametrize("plen", [5, 33])
+def test_attend_matches_the_eager_softmax_attention(kv, rep, width, plen):
     torch.manual_seed(3)
-    n, hd, cols = 3, 32, 40
+    n, hd, cols = 5, 32, 64
     q = torch.randn(n, kv * rep, hd) * 0.3
-    kc, vc = torch.randn(n, kv, hd, cols), torch.randn(n, kv, cols, hd)
-    assert (K.attend(q, kc, vc, None, width) - _eager_attend(q, kc, vc, None, width)).abs().max() < 1e-5
+    prompt_keys, pv = torch.randn(3, kv, plen, hd), torch.randn(3, kv, plen, hd)
+    pk = K.blocked_keys(prompt_keys)
+    bias = torch.zeros(3, plen)
+    bias[1, :3] = float("-inf")  # prompt 1 is left-padded
+    of_row = torch.tensor([1, 0, 1, 2, 0])  # rows as compaction leaves them: not in prompt order
+    keys, v = torch.randn(n, kv, cols, hd), torch.randn(n, kv, cols, hd)
+    k = K.blocked_keys(keys)
+    got = _attend_new(q, pk, pv, bias, of_row, k, v, width, strided=True)
+    assert (got - _eager_attend(q, *_per_row(pk, pv, bias, of_row, k, v, width))).abs().max() < 1e-5
+    got = _attend_new(q, pk, pv, None, of_row, k, v, width)
+    want = _eager_attend(q, *_per_row(pk, pv, None, of_row, k, v, width))
+    assert (got - want).abs().max() < 1e-5
+    # key columns past the prompt (allocated in whole blocks) and past `width` are never used: NaN there
+    nan = float("nan")
+    padded = K.blocked_keys(torch.cat([prompt_keys, torch.full((3, kv, 64 - plen, hd), nan)], dim=2))
+    keys = K.unblocked_keys(k)
+    keys[:, :, width:] = nan
+    new_k, new_v = keys[:, :, width - 1].contiguous(), v[:, :, width - 1].clone()  # the same column again
+    got = K.attend(q, padded, pv, None, of_row, K.blocked_keys(keys), v, new_k, new_v, width)
+    assert (got - want).abs().max() < 1e-5
 
 
 @needs_kernels
 def test_attend_gives_a_masked_column_no_weight_at_all():
-    # softmax over scores [0, log 3] with the second masked: weights [1, 0], so the output is v[0] exactly,
-    # however large the masked column's value
+    # scores all 0 (q = 0) over the prompt's two columns, the second masked, and one generated column: weights
+    # [0.5, 0, 0.5], so the output is (2 + 4) / 2 = 3 exactly, however large the masked column's value
     q = torch.zeros(1, 1, 16)
-    kc, vc = torch.zeros(1, 1, 16, 2), torch.zeros(1, 1, 2, 16)
-    vc[0, 0, 0], vc[0, 0, 1] = 2.0, 1e30
-    bias = torch.tensor([[0.0, float("-inf")]])
-    assert K.attend(q, kc, vc, bias, 2).tolist() == [[[2.0] * 16]]
-    # unmasked, equal scores: weights [0.5, 0.5] -> (2 + 4) / 2 = 3
-    vc[0, 0, 1] = 4.0
-    assert torch.allclose(K.attend(q, kc, vc, None, 2), torch.full((1, 1, 16), 3.0))
+    pk, pv = K.blocked_keys(torch.zeros(1, 1, 2, 16)), torch.zeros(1, 1, 2, 16)
+    pv[0, 0, 0], pv[0, 0, 1] = 2.0, 1e30
+    k, v = K.blocked_keys(torch.zeros(1, 1, 32, 16)), torch.zeros(1, 1, 32, 16)
+    new_k, new_v = torch.zeros(1, 1, 16), torch.full((1, 1, 16), 4.0)  # the generated column's key and value
+    bias, of_row = torch.tensor([[0.0, float("-inf")]]), torch.tensor([0])
+    assert K.attend(q, pk, pv, bias, of_row, k, v, new_k, new_v, 1).tolist() == [[[3.0] * 16]]
+    # unmasked: weights [1/3, 1/3, 1/3] -> (2 + 4 + 4) / 3 with the second value 4
+    pv[0, 0, 1] = 4.0
+    assert torch.allclose(K.attend(q, pk, pv, None, of_row, k, v, new_k, new_v, 1), torch.full((1, 1, 16), 10 / 3))
+    with pytest.raises(ValueError, match="prompt_of_row must be"):
+        K.attend(q, pk, pv, None, of_row.int(), k, v, new_k, new_v, 1)
+    with pytest.raises(ValueError, match="blocks of 32 columns"):
+        K.attend(q, pk, pv, None, of_row, K.unblocked_keys(k).contiguous(), v, new_k, new_v, 1)
 
 
 def _model_and_prompts(seed: int):
@@ -141,9 +189,15 @@ def test_the_fused_decode_step_gives_the_eager_logits():
     assert fused.fused and not eager.fused
     with torch.no_grad():
         _, kvs = eager.prefill(ids, mask)
-        caches = [StaticKVCache(eager, kvs, mask, 3, 12) for _ in range(2)]
+        caches = [side.new_cache(kvs, mask, 3, 7) for side in (eager, fused)]
+        assert isinstance(caches[0], StaticKVCache) and isinstance(caches[1], SharedPromptKVCache)
         tokens, positions = torch.randint(3, 300, (6,)), mask.sum(-1).repeat_interleave(3)
-        for step in range(4):
+        for step in range(5):
+            if step == 3:  # rows 1, 3 (one of each prompt) finished: compacted away
+                keep = torch.tensor([0, 2, 4, 5])
+                for cache in caches:
+                    cache.keep(keep)
+                tokens, positions = tokens[keep], positions[keep]
             a = eager.decode(tokens, positions + step, caches[0], 5 + step)
             b = fused.decode(tokens, positions + step, caches[1], 5 + step)
             assert (a - b).abs().max() < 1e-5, step
@@ -186,26 +240,30 @@ def test_bf16_rms_norm_and_silu_mul_round_where_torch_does():
 
 
 @needs_kernels
-def test_bf16_rope_store_and_attend_compute_in_float32():
+def test_bf16_rope_and_attend_compute_in_float32():
     torch.manual_seed(6)
-    n, heads, kv, hd, cols, column, width = 3, 6, 2, 32, 24, 9, 10
+    n, heads, kv, hd, cols, column, width = 3, 6, 2, 32, 32, 9, 10
     qk = torch.randn(n, heads + kv, hd).to(torch.bfloat16)
     v = torch.randn(n, kv, hd).to(torch.bfloat16)
     cos, sin = torch.randn(n, heads + kv, hd), torch.randn(n, heads + kv, hd)
-    kc, vc = torch.randn(n, kv, hd, cols).to(torch.bfloat16), torch.randn(n, kv, cols, hd).to(torch.bfloat16)
+    kc, vc = (K.blocked_keys(torch.randn(n, kv, cols, hd).to(torch.bfloat16)),
+              torch.randn(n, kv, cols, hd).to(torch.bfloat16))
+    pk, pv = K.blocked_keys(torch.randn(2, kv, 7, hd).to(torch.bfloat16)), torch.randn(2, kv, 7, hd).to(torch.bfloat16)
     rotated = LeanLlama._rotate(qk.float(), cos, sin)  # the float32 rotation of the bfloat16 inputs
-    q = K.rope_store(qk, v, cos, sin, kc, vc, heads, column)
+    q, k = K.rope(qk, cos, sin, heads)
     assert q.dtype == torch.float32 and (q - rotated[:, :heads]).abs().max() < 1e-5  # never rounded
-    assert _within_bf16_rounding(kc[..., column], rotated[:, heads:]) and torch.equal(vc[:, :, column], v)
-    bias = torch.zeros(n, cols)
+    assert k.dtype == torch.bfloat16 and _within_bf16_rounding(k, rotated[:, heads:])
+    bias, of_row = torch.zeros(2, 7), torch.tensor([1, 0, 1])
     bias[0, :3] = float("-inf")
-    out = K.attend(q, kc, vc, bias, width)
-    want = _eager_attend(q, kc.float(), vc.float(), bias, width)  # float32 throughout, rounded once at the end
+    out = K.attend(q, pk, pv, bias, of_row, kc, vc, k, v, column + 1)
+    assert torch.equal(K.unblocked_keys(kc)[:, :, column], k) and torch.equal(vc[:, :, column], v)
+    per_row = _per_row(pk.float(), pv.float(), bias, of_row, kc.float(), vc.float(), width)
+    want = _eager_attend(q, *per_row)  # float32 throughout, rounded once at the end
     assert out.dtype == torch.bfloat16 and _within_bf16_rounding(out, want)
     with pytest.raises(ValueError, match="must all be float32 or all bfloat16"):
-        K.attend(q, kc, vc.float(), bias, width)
+        K.attend(q, pk, pv, bias, of_row, kc, vc.float(), k, v, width)
     with pytest.raises(ValueError, match="where float32 is needed"):
-        K.attend(q.to(torch.bfloat16), kc, vc, bias, width)
+        K.attend(q.to(torch.bfloat16), pk, pv, bias, of_row, kc, vc, k, v, width)
 
 
 @needs_kernels
@@ -216,7 +274,7 @@ def test_the_fused_bf16_decode_step_is_as_close_to_float32_as_the_eager_one():
     assert sides[2].fused and not sides[1].fused
     errors = {1: [], 2: []}
     with torch.no_grad():
-        caches = [StaticKVCache(s, s.prefill(ids, mask)[1], mask, 3, 12) for s in sides]
+        caches = [s.new_cache(s.prefill(ids, mask)[1], mask, 3, 7) for s in sides]
         tokens, positions = torch.randint(3, 300, (6,)), mask.sum(-1).repeat_interleave(3)
         for step in range(4):
             logits = [s.decode(tokens, positions + step, c, 5 + step) for s, c in zip(sides, caches)]

@@ -2,8 +2,8 @@
 
 On a CPU the eager decode step of a small model is many small torch kernels: an RMSNorm alone is seven, and
 the two batched attention matmuls of one new query per row run at a few GFLOP/s. `decode_kernels.c` does a
-residual add with the next RMSNorm, the rotary embedding with the cache writes, SiLU times the up projection,
-and a whole attention (scores, softmax, weighted sum) in one pass each; `sample` draws the next tokens from the
+residual add with the next RMSNorm, the rotary embedding, SiLU times the up projection, and a whole attention
+(the new key and value written into the cache, scores, softmax, weighted sum) in one pass each; `sample` draws the next tokens from the
 logits (softmax, banned tokens, the inverse of the cumulative distribution) in three passes over each row. The
 projections stay torch's (MKL or oneDNN).
 
@@ -44,12 +44,13 @@ _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
 _ELEMENTWISE = {
     "lr_add_rms_norm": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "lr_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64],
-    "lr_rope_store": [_PTR, _I64, _PTR, _I64, _PTR, _PTR, _PTR, _PTR, _PTR] + [_I64] * 6,
-    "lr_attend": [_PTR] * 5 + [_I64] * 6,
+    "lr_rope": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR] + [_I64] * 4,
+    "lr_attend": [_PTR] * 10 + [_I64] * 9,
 }
 SIGNATURES = {**_ELEMENTWISE, **{f"{name}_bf16": args for name, args in _ELEMENTWISE.items()},
               "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR]}
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
+KEY_BLOCK = 32  # key cache columns per block (`blocked_keys`)
 
 
 def _forced() -> bool | None:
@@ -162,33 +163,69 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
-def rope_store(qk: Tensor, v: Tensor, cos: Tensor, sin: Tensor, kc: Tensor, vc: Tensor, heads: int,
-               column: int) -> Tensor:
+def blocked_keys(keys: Tensor, columns: int | None = None) -> Tensor:
+    """Keys (..., P, hd) in the kernels' key layout: (..., C / KEY_BLOCK, hd, KEY_BLOCK) for C = `columns` (default
+    P) rounded up to a multiple of KEY_BLOCK, column c of block b being key column b * KEY_BLOCK + c, so that a
+    block of score columns reads one contiguous stretch. Columns past P are 0 (P = 0: unset, a cache to fill)."""
+    *lead, p, hd = keys.shape
+    blocks = -(-max(p, columns or 0) // KEY_BLOCK)
+    if p == 0:
+        return keys.new_empty(*lead, blocks, hd, KEY_BLOCK)
+    if p < blocks * KEY_BLOCK:
+        keys = torch.cat([keys, keys.new_zeros(*lead, blocks * KEY_BLOCK - p, hd)], dim=-2)
+    return keys.reshape(*lead, blocks, KEY_BLOCK, hd).transpose(-1, -2).contiguous()
+
+
+def unblocked_keys(blocked: Tensor) -> Tensor:
+    """The (..., C, hd) keys of a `blocked_keys` layout (a copy)."""
+    *lead, blocks, hd, kb = blocked.shape
+    return blocked.transpose(-1, -2).reshape(*lead, blocks * kb, hd)
+
+
+def _blocked(kc: Tensor, vc: Tensor) -> None:
+    if kc.dim() != 5 or kc.shape[-1] != KEY_BLOCK or kc.shape[2] * KEY_BLOCK != vc.shape[2]:
+        raise ValueError(f"keys of shape {tuple(kc.shape)} with values {tuple(vc.shape)}: the keys must be in "
+                         f"blocks of {KEY_BLOCK} columns (`blocked_keys`), as many columns as the values")
+
+
+def rope(qk: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
     """Rotate (n, heads + kv_heads, hd) queries and keys (rows may be strided) by cos, sin (n, heads + kv_heads,
-    hd) float32; write keys and values (n, kv_heads, hd) into the caches at `column`; -> rotated queries (n, heads,
-    hd) float32. qk, v, kc, vc: all float32 or all bfloat16."""
-    n, _, hd = qk.shape
-    kv_heads, cols = vc.shape[1], vc.shape[2]
-    if qk.stride(2) != 1 or qk.stride(1) != hd or v.stride(2) != 1 or v.stride(1) != hd:
-        raise ValueError("rope_store needs each row's heads as contiguous vectors")
-    _contiguous(cos, sin, kc, vc)
-    q = qk.new_empty(n, heads, hd, dtype=torch.float32)
-    _variant("lr_rope_store", qk, v, kc, vc, float32=(cos, sin))(
-        _p(qk), qk.stride(0), _p(v), v.stride(0), _p(cos), _p(sin), _p(q), _p(kc), _p(vc), n, heads, kv_heads, hd,
-        cols, column)
-    return q
+    hd) float32 -> queries (n, heads, hd) float32 and keys (n, kv_heads, hd) in qk's dtype (float32 or bfloat16;
+    the rotation in float32, the keys rounded once)."""
+    n, all_heads, hd = qk.shape
+    if qk.stride(2) != 1 or qk.stride(1) != hd:
+        raise ValueError("rope needs each row's heads as contiguous vectors")
+    _contiguous(cos, sin)
+    q, k = qk.new_empty(n, heads, hd, dtype=torch.float32), qk.new_empty(n, all_heads - heads, hd)
+    _variant("lr_rope", qk, k, float32=(cos, sin))(_p(qk), qk.stride(0), _p(cos), _p(sin), _p(q), _p(k), n, heads,
+                                                    all_heads - heads, hd)
+    return q, k
 
 
-def attend(q: Tensor, kc: Tensor, vc: Tensor, bias: Tensor | None, width: int) -> Tensor:
-    """softmax(q k^T + bias) v over the first `width` cache columns. q (n, heads, hd) float32, pre-scaled, the
-    heads of one key/value head adjacent; kc (n, kv, hd, cols), vc (n, kv, cols, hd) float32 or bfloat16, bias
-    (n, cols) float32 -> (n, heads, hd) in the cache's dtype."""
-    _contiguous(q, kc, vc, bias)
+def attend(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_bias: Tensor | None, prompt_of_row: Tensor,
+           k: Tensor, v: Tensor, new_k: Tensor, new_v: Tensor, width: int) -> Tensor:
+    """Write the new token's key and value (new_k (n, kv, hd); new_v (n, kv, hd), rows may be strided) into each
+    row's cache at column width - 1; then softmax(q k^T + bias) v of each row over its prompt's keys/values and
+    the first `width` of its own. q (n, heads, hd) float32, pre-scaled, the heads of one key/value head adjacent;
+    prompt_v (prompts, kv, P, hd), prompt_k its keys as `blocked_keys` makes them (columns past P are ignored);
+    prompt_bias (prompts, P) float32 (0, or -inf at padding) or None; prompt_of_row (n,) int64: the prompt each
+    row samples from; v (n, kv, cols, hd), k its keys, blocked: the generated part. Caches and new keys/values
+    float32 or bfloat16 -> (n, heads, hd) in their dtype."""
+    _contiguous(q, prompt_k, prompt_v, prompt_bias, prompt_of_row, k, v, new_k)
+    _blocked(k, v)
     n, heads, hd = q.shape
-    kv_heads, cols = vc.shape[1], vc.shape[2]
-    out = torch.empty_like(q, dtype=kc.dtype)
-    _variant("lr_attend", kc, vc, float32=(q, bias))(
-        _p(q), _p(kc), _p(vc), _p(bias), _p(out), n, kv_heads, heads // kv_heads, hd, cols, width)
+    kv_heads, cols, plen, pcols = v.shape[1], v.shape[2], prompt_v.shape[2], prompt_k.shape[2] * KEY_BLOCK
+    if prompt_of_row.dtype != torch.int64 or prompt_of_row.shape != (n,) or not 1 <= width <= cols or pcols < plen:
+        raise ValueError(f"attend: prompt_of_row must be ({n},) int64, 1 <= width <= {cols} and the prompt's keys "
+                         f"hold >= {plen} columns; got {prompt_of_row.dtype} {tuple(prompt_of_row.shape)}, width "
+                         f"{width}, {pcols} key columns")
+    if new_k.shape != (n, kv_heads, hd) or new_v.shape != new_k.shape or new_v.stride()[1:] != (hd, 1):
+        raise ValueError(f"attend: the new keys {tuple(new_k.shape)} and values {tuple(new_v.shape)} must be "
+                         f"({n}, {kv_heads}, {hd}), each row's values contiguous")
+    out = torch.empty_like(q, dtype=k.dtype)
+    _variant("lr_attend", prompt_k, prompt_v, k, v, new_k, new_v, float32=(q, prompt_bias))(
+        _p(q), _p(prompt_k), _p(prompt_v), _p(prompt_bias), _p(prompt_of_row), _p(k), _p(v), _p(new_k), _p(new_v),
+        _p(out), new_v.stride(0), plen, pcols, cols, width, n, kv_heads, heads // kv_heads, hd)
     return out
 
 

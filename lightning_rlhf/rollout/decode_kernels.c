@@ -45,6 +45,7 @@ static inline void store8h(uint16_t *p, v8 x) {
  * written once over these, inlined with a constant bf into each exported function's own OpenMP loop (a loop
  * inside the shared function would be outlined once, with bf a variable tested in every inner loop). */
 #define INLINE static inline __attribute__((always_inline))
+#define KB 32 /* key cache columns per block: each block holds its keys transposed, (hd, KB) */
 INLINE v8 ld8(const void *p, int64_t i, const int bf) {
     return bf ? load8h((const uint16_t *)p + i) : load8((const float *)p + i);
 }
@@ -156,18 +157,15 @@ void lr_silu_mul_bf16(const uint16_t *g, int64_t g_stride, const uint16_t *u, in
     for (int64_t i = 0; i < n; ++i) silu_mul_row(g, g_stride, u, u_stride, out, i, m, 1);
 }
 
-/* Rotate the new token's queries and keys (RoPE), write the rotated queries to q_out (n, heads, hd), float32,
- * and the keys and values into the cache at `column`.
+/* Rotate the new token's queries and keys (RoPE): the queries to q_out (n, heads, hd), float32, the keys to
+ * k_out (n, kv_heads, hd) in qk's dtype (`lr_attend` writes them into the cache).
  * qk: per row, heads + kv_heads vectors of hd values (queries, then keys), rows `qk_stride` values apart;
- * v: per row kv_heads vectors of hd values, rows `v_stride` apart;
  * cos, sin: (n, heads + kv_heads, hd) float32, the signed sin (first half negated) as `LeanLlama.rope` makes
- * them, so that rotated = x * cos + roll(x, hd / 2) * sin;
- * kc: (n, kv_heads, hd, cols), keys stored transposed; vc: (n, kv_heads, cols, hd). qk, v, kc, vc: float32, or
- * all bfloat16 (the rotation in float32, the keys rounded once as they are stored). */
-INLINE void rope_store_row(const void *qk, int64_t qk_stride, const void *v, int64_t v_stride, const float *cos_,
-                           const float *sin_, float *q_out, void *kc, void *vc, int64_t i, int64_t heads,
-                           int64_t kv_heads, int64_t hd, int64_t cols, int64_t column, const int bf) {
-    const int64_t half = hd / 2, all = heads + kv_heads, size = bf ? 2 : 4;
+ * them, so that rotated = x * cos + roll(x, hd / 2) * sin. qk and k_out: float32, or both bfloat16 (the rotation
+ * in float32, the keys rounded once as they are stored). */
+INLINE void rope_row(const void *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out,
+                     void *k_out, int64_t i, int64_t heads, int64_t kv_heads, int64_t hd, const int bf) {
+    const int64_t half = hd / 2, all = heads + kv_heads;
     for (int64_t h = 0; h < all; ++h) {
         const int64_t x = i * qk_stride + h * hd;
         const float *c = cos_ + (i * all + h) * hd, *s = sin_ + (i * all + h) * hd;
@@ -176,32 +174,25 @@ INLINE void rope_store_row(const void *qk, int64_t qk_stride, const void *v, int
             for (int64_t j = 0; j < half; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j];
             for (int64_t j = half; j < hd; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j];
         } else {
-            const int64_t k = (i * kv_heads + (h - heads)) * hd * cols + column;
+            const int64_t k = (i * kv_heads + (h - heads)) * hd;
             for (int64_t j = 0; j < half; ++j)
-                st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j], bf);
+                st1(k_out, k + j, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j], bf);
             for (int64_t j = half; j < hd; ++j)
-                st1(kc, k + j * cols, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
+                st1(k_out, k + j, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
         }
     }
-    for (int64_t h = 0; h < kv_heads; ++h)
-        memcpy((char *)vc + ((i * kv_heads + h) * cols + column) * hd * size,
-               (const char *)v + (i * v_stride + h * hd) * size, hd * size);
 }
 
-void lr_rope_store(const float *qk, int64_t qk_stride, const float *v, int64_t v_stride, const float *cos_,
-                   const float *sin_, float *q_out, float *kc, float *vc, int64_t n, int64_t heads,
-                   int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
+void lr_rope(const float *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out, float *k_out,
+             int64_t n, int64_t heads, int64_t kv_heads, int64_t hd) {
 #pragma omp parallel for schedule(static) if (n * (heads + kv_heads) * hd >= 32768)
-    for (int64_t i = 0; i < n; ++i)
-        rope_store_row(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, i, heads, kv_heads, hd, cols, column, 0);
+    for (int64_t i = 0; i < n; ++i) rope_row(qk, qk_stride, cos_, sin_, q_out, k_out, i, heads, kv_heads, hd, 0);
 }
 
-void lr_rope_store_bf16(const uint16_t *qk, int64_t qk_stride, const uint16_t *v, int64_t v_stride,
-                        const float *cos_, const float *sin_, float *q_out, uint16_t *kc, uint16_t *vc, int64_t n,
-                        int64_t heads, int64_t kv_heads, int64_t hd, int64_t cols, int64_t column) {
+void lr_rope_bf16(const uint16_t *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out,
+                  uint16_t *k_out, int64_t n, int64_t heads, int64_t kv_heads, int64_t hd) {
 #pragma omp parallel for schedule(static) if (n * (heads + kv_heads) * hd >= 32768)
-    for (int64_t i = 0; i < n; ++i)
-        rope_store_row(qk, qk_stride, v, v_stride, cos_, sin_, q_out, kc, vc, i, heads, kv_heads, hd, cols, column, 1);
+    for (int64_t i = 0; i < n; ++i) rope_row(qk, qk_stride, cos_, sin_, q_out, k_out, i, heads, kv_heads, hd, 1);
 }
 
 #define QB 4  /* query heads per pass over a key/value head's cache */
@@ -215,13 +206,14 @@ void lr_rope_store_bf16(const uint16_t *qk, int64_t qk_stride, const uint16_t *v
 /* floats between the rows of a query head's scores: blocks of 8 x VB columns may run past `width` */
 #define SCORE_STRIDE(width) ((width) + 8 * VB)
 
-/* One register block of scores: s[r][j + 8i] (i < VECS) = sum over e, in order, of q[r][e] * keys[e][j + 8i]. */
-INLINE void score_block(const void *keys, int64_t cols, const float *q, int64_t hd, int64_t j, float *scores,
+/* One register block of scores: s[r][j + 8i] (i < VECS) = sum over e, in order, of q[r][e] * key e of column
+ * j + 8i, the keys of the block holding column j starting at element `base` of `keys`. */
+INLINE void score_block(const void *keys, int64_t base, const float *q, int64_t hd, int64_t j, float *scores,
                         int64_t stride, const int NR, const int VECS, const int bf) {
     v8 a[QB][VB] = {{{0}}};
     for (int64_t e = 0; e < hd; ++e) {
         v8 k[VB];
-        for (int i = 0; i < VECS; ++i) k[i] = ld8(keys, e * cols + j + 8 * i, bf);
+        for (int i = 0; i < VECS; ++i) k[i] = ld8(keys, base + e * KB + 8 * i, bf);
         for (int r = 0; r < NR; ++r)
             for (int i = 0; i < VECS; ++i) a[r][i] += k[i] * q[r * hd + e];
     }
@@ -229,74 +221,66 @@ INLINE void score_block(const void *keys, int64_t cols, const float *q, int64_t 
         for (int i = 0; i < VECS; ++i) store8(scores + r * stride + j + 8 * i, a[r][i]);
 }
 
-/* scores[r][j] = sum over e, in order, of q[r][e] * keys[e][j], for the NR query heads q (NR rows of hd floats)
- * and the first `width` columns of the transposed keys (hd rows, `cols` values apart): 8 x VB columns at a time
- * held in registers across the whole head dimension, so each key is loaded once for all NR heads. Blocks run
- * past `width` while they stay inside the `cols` columns (those scores are never read), so only the last
- * columns of a full cache are done one by one. NR is a constant in each caller (1 to QB), so no lanes are spent
- * on absent heads. `scores` rows are `stride` >= width + 8 x VB floats apart. */
-INLINE void scores_nr(const void *keys, int64_t cols, const float *q, int64_t hd, int64_t width, float *scores,
-                      int64_t stride, const int NR, const int bf) {
-    int64_t j = 0;
-    for (; j < width && j + 8 * VB <= cols; j += 8 * VB) score_block(keys, cols, q, hd, j, scores, stride, NR, VB, bf);
-    for (; j < width && j + 8 <= cols; j += 8) score_block(keys, cols, q, hd, j, scores, stride, NR, 1, bf);
-    for (; j < width; ++j)
-        for (int r = 0; r < NR; ++r) {
-            float a = 0.0f;
-            for (int64_t e = 0; e < hd; ++e) a += ld1(keys, e * cols + j, bf) * q[r * hd + e];
-            scores[r * stride + j] = a;
-        }
+/* scores[r][j] = sum over e, in order, of q[r][e] * key e of column j, for the NR query heads q (NR rows of hd
+ * floats) and the first `width` columns of keys stored in blocks of KB columns, each block (hd, KB): key e of
+ * column c at (c / KB) * hd * KB + e * KB + c % KB. So the 8 x VB columns held in registers across the whole
+ * head dimension are read from one contiguous stretch of memory, and each key is loaded once for all NR heads.
+ * The last block runs past `width` (the keys are allocated in whole blocks; those scores are never read). NR is
+ * a constant in each caller (1 to QB), so no lanes are spent on absent heads. `scores` rows are `stride` floats
+ * apart, stride >= width rounded up to KB. */
+INLINE void scores_nr(const void *keys, const float *q, int64_t hd, int64_t width, float *scores, int64_t stride,
+                      const int NR, const int bf) {
+    for (int64_t j = 0; j < width; j += 8 * VB)
+        score_block(keys, j / KB * hd * KB + j % KB, q, hd, j, scores, stride, NR, VB, bf);
 }
 
-/* One register block of the output: out[r][e + 8i] (i < VECS) = sum over c < width, in order, of p[r][c] *
- * values[c][e + 8i]. */
-INLINE void weighted_block(const void *values, const float *p, int64_t stride, int64_t hd, int64_t width,
-                           int64_t e, void *out, const int NR, const int VECS, const int bf) {
+/* One register block of the output: out[r][e + 8i] (i < VECS) = sum over the two segments s (prompt, generated)
+ * and their columns c < width[s], in order, of p[s][r][c] * values[s][c][e + 8i]. */
+INLINE void weighted_block(const void *const values[2], const float *const p[2], const int64_t width[2],
+                           int64_t stride, int64_t hd, int64_t e, void *out, const int NR, const int VECS,
+                           const int bf) {
     v8 a[QB][8] = {{{0}}};
-    for (int64_t c = 0; c < width; ++c) {
-        v8 v[8];
-        for (int i = 0; i < VECS; ++i) v[i] = ld8(values, c * hd + e + 8 * i, bf);
-        for (int r = 0; r < NR; ++r)
-            for (int i = 0; i < VECS; ++i) a[r][i] += v[i] * p[r * stride + c];
-    }
+    for (int s = 0; s < 2; ++s)
+        for (int64_t c = 0; c < width[s]; ++c) {
+            v8 v[8];
+            for (int i = 0; i < VECS; ++i) v[i] = ld8(values[s], c * hd + e + 8 * i, bf);
+            for (int r = 0; r < NR; ++r)
+                for (int i = 0; i < VECS; ++i) a[r][i] += v[i] * p[s][r * stride + c];
+        }
     for (int r = 0; r < NR; ++r)
         for (int i = 0; i < VECS; ++i) st8(out, r * hd + e + 8 * i, a[r][i], bf);
 }
 
-/* out[r][e] = sum over c < width, in order, of p[r][c] * values[c][e] for NR query heads, in register blocks of
- * the head dimension as wide as the registers allow (ACC accumulators): a whole head of 64 for up to three query
- * heads with AVX-512, so the values are then read once, in their order in memory. hd is a multiple of 16. */
-INLINE void weighted_nr(const void *values, const float *p, int64_t stride, int64_t hd, int64_t width, void *out,
-                        const int NR, const int bf) {
+/* out[r][e] = the weighted sum of both segments' values for NR query heads, in register blocks of the head
+ * dimension as wide as the registers allow (ACC accumulators): a whole head of 64 for up to three query heads
+ * with AVX-512, so the values are then read once, in their order in memory. hd is a multiple of 16. */
+INLINE void weighted_nr(const void *const values[2], const float *const p[2], const int64_t width[2],
+                        int64_t stride, int64_t hd, void *out, const int NR, const int bf) {
     const int most = ACC / NR;
     int64_t e = 0;
     if (most >= 8)
-        for (; e + 64 <= hd; e += 64) weighted_block(values, p, stride, hd, width, e, out, NR, 8, bf);
+        for (; e + 64 <= hd; e += 64) weighted_block(values, p, width, stride, hd, e, out, NR, 8, bf);
     if (most >= 4)
-        for (; e + 32 <= hd; e += 32) weighted_block(values, p, stride, hd, width, e, out, NR, 4, bf);
-    for (; e < hd; e += 16) weighted_block(values, p, stride, hd, width, e, out, NR, 2, bf);
+        for (; e + 32 <= hd; e += 32) weighted_block(values, p, width, stride, hd, e, out, NR, 4, bf);
+    for (; e < hd; e += 16) weighted_block(values, p, width, stride, hd, e, out, NR, 2, bf);
 }
 
-/* softmax(s + b) of `width` scores in place (b: 0 or -inf per column, or NULL); exactly 0 where b is -inf. The
- * maximum and the total are taken 8 lanes at a time, then across the lanes. */
-static void softmax_row(float *s, const float *b, int64_t width) {
+/* softmax of `width` scores in place; exactly 0 where a score is -inf (a masked column). The maximum and the
+ * total are taken 8 lanes at a time, then across the lanes. */
+static void softmax_row(float *s, int64_t width) {
     const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
     v8 tops = none;
     int64_t c = 0;
     for (; c + 8 <= width; c += 8) {
         v8 v = load8(s + c);
-        if (b) store8(s + c, v = v + load8(b + c));
         v8i up = v > tops;
         tops = (v8)(((v8i)v & up) | ((v8i)tops & ~up));
     }
     float top = -INFINITY;
     for (int k = 0; k < 8; ++k) top = tops[k] > top ? tops[k] : top;
-    for (; c < width; ++c) {
-        if (b) s[c] += b[c];
-        top = s[c] > top ? s[c] : top;
-    }
+    for (; c < width; ++c) top = s[c] > top ? s[c] : top;
     v8 totals = {0};
-    for (c = 0; c + 8 <= width; c += 8) {  /* exp(s - top), exactly 0 where the bias is -inf */
+    for (c = 0; c + 8 <= width; c += 8) {  /* exp(s - top), exactly 0 where s is -inf */
         v8 v = load8(s + c);
         v = (v8)((v8i)exp8(v - top) & (v > none));
         store8(s + c, v);
@@ -311,27 +295,50 @@ static void softmax_row(float *s, const float *b, int64_t width) {
 
 #define ATTEND_NR(NR)                                                                                     \
     do {                                                                                                  \
-        scores_nr(keys, cols, qh, hd, width, scores, stride, NR, bf);                                     \
-        for (int r = 0; r < NR; ++r) softmax_row(scores + r * stride, b, width);                          \
-        weighted_nr(values, scores, stride, hd, width, o, NR, bf);                                        \
+        scores_nr(keys[0], qh, hd, plen, scores, stride, NR, bf);                                         \
+        scores_nr(keys[1], qh, hd, width, scores + plen, stride, NR, bf);                                 \
+        for (int r = 0; r < NR; ++r) {                                                                    \
+            float *s = scores + r * stride;                                                               \
+            if (b)                                                                                        \
+                for (int64_t c = 0; c < plen; ++c) s[c] += b[c];                                          \
+            softmax_row(s, plen + width);                                                                 \
+        }                                                                                                 \
+        weighted_nr(values, p, widths, stride, hd, o, NR, bf);                                            \
     } while (0)
 
-/* Attention of one new query per head over the first `width` cache columns:
- * out = softmax(q k^T + bias) v, per row and query head, the queries already scaled.
+/* Attention of one new query per head over a row's prompt and the tokens it generated so far, the new token's
+ * key and value first written into the cache at column width - 1 (there, the lines they go to are about to be
+ * read anyway; written apart, each key lane was a cache line fetched from memory):
+ * out = softmax(q k^T + bias) v, per row and query head, the queries already scaled. The prompt's keys and values
+ * are stored once per prompt and read by every row sampled from it (`prompt_of[row]`); each row's own are in
+ * the generated part, of which the first `width` columns are attended.
  * q: (n, kv_heads, rep, hd) float32: the rep query heads that share a key/value head are adjacent;
- * kc: (n, kv_heads, hd, cols), vc: (n, kv_heads, cols, hd), out: like q; bias: (n, cols) float32, 0 or -inf, or
- * NULL. kc, vc and out are float32, or all bfloat16 (then the weights stay float32 and out is rounded once).
- * hd must be a multiple of 16. Each (row, kv head) reads its keys and values once for up to QB of its query
- * heads at a time. */
-INLINE void attend_item(const float *q, const void *kc, const void *vc, const float *bias, void *out, int64_t item,
-                        int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width, float *scores,
-                        const int bf) {
-    const int64_t stride = SCORE_STRIDE(width), size = bf ? 2 : 4;
-    const void *keys = (const char *)kc + item * hd * cols * size;
-    const void *values = (const char *)vc + item * cols * hd * size;
-    const float *b = bias ? bias + (item / kv_heads) * cols : NULL;
+ * pk: (prompts, kv_heads, pcols / KB, hd, KB), pcols >= plen, pv: (prompts, kv_heads, plen, hd); pbias: (prompts, plen) float32, 0 or -inf,
+ * or NULL; gk: (n, kv_heads, cols / KB, hd, KB), gv: (n, kv_heads, cols, hd); new_k: (n, kv_heads, hd); new_v:
+ * per row kv_heads vectors of hd values, rows `v_stride` apart; out: like q. The caches and out are float32,
+ * or all bfloat16 (then the weights stay float32 and out is rounded once). hd must be a multiple of 16. Each
+ * (row, kv head) reads its keys and values once for up to QB of its query heads at a time; the rows of a prompt
+ * are adjacent items, so after the first its prompt block comes from the cache, not from memory. pcols and cols
+ * are multiples of KB. Key columns past the prompt and past `width` may hold anything: the score blocks run into
+ * them, and those scores are overwritten (the prompt's, by the generated part's, computed after) or never read. */
+INLINE void attend_item(const float *q, const void *pk, const void *pv, const float *pbias, const int64_t *prompt_of,
+                        int64_t plen, int64_t pcols, void *gk, void *gv, const void *new_k, const void *new_v,
+                        int64_t v_stride, int64_t cols, int64_t width, void *out, int64_t item, int64_t kv_heads,
+                        int64_t rep, int64_t hd, float *scores, const int bf) {
+    const int64_t stride = SCORE_STRIDE(pcols + cols), size = bf ? 2 : 4, col = width - 1;
+    const int64_t prompt = prompt_of[item / kv_heads] * kv_heads + item % kv_heads;
+    char *key = (char *)gk + (item * hd * cols + col / KB * hd * KB + col % KB) * size;
+    for (int64_t e = 0; e < hd; ++e) memcpy(key + e * KB * size, (const char *)new_k + (item * hd + e) * size, size);
+    memcpy((char *)gv + (item * cols + col) * hd * size,
+           (const char *)new_v + ((item / kv_heads) * v_stride + (item % kv_heads) * hd) * size, hd * size);
+    const void *keys[2] = {(const char *)pk + prompt * hd * pcols * size, (const char *)gk + item * hd * cols * size};
+    const void *values[2] = {(const char *)pv + prompt * plen * hd * size,
+                             (const char *)gv + item * cols * hd * size};
+    const float *b = pbias ? pbias + (prompt / kv_heads) * plen : NULL;
+    const int64_t widths[2] = {plen, width};
     for (int64_t r0 = 0; r0 < rep; r0 += QB) {
         const float *qh = q + (item * rep + r0) * hd;
+        const float *p[2] = {scores, scores + plen};
         void *o = (char *)out + (item * rep + r0) * hd * size;
         switch (rep - r0 < QB ? rep - r0 : QB) {
             case 1: ATTEND_NR(1); break;
@@ -342,29 +349,20 @@ INLINE void attend_item(const float *q, const void *kc, const void *vc, const fl
     }
 }
 
-void lr_attend(const float *q, const float *kc, const float *vc, const float *bias, float *out, int64_t n,
-               int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
-#pragma omp parallel
-    {
-        float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(width));
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < n * kv_heads; ++item)
-            attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 0);
-        free(scores);
+#define ATTEND(NAME, T, BF)                                                                                       \
+    void NAME(const float *q, const T *pk, const T *pv, const float *pbias, const int64_t *prompt_of, T *gk, T *gv, \
+              const T *new_k, const T *new_v, T *out, int64_t v_stride, int64_t plen, int64_t pcols, int64_t cols,  \
+              int64_t width, int64_t n, int64_t kv_heads, int64_t rep, int64_t hd) {                              \
+        _Pragma("omp parallel") {                                                                                 \
+            float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(pcols + cols));                              \
+            _Pragma("omp for schedule(static)") for (int64_t item = 0; item < n * kv_heads; ++item)               \
+                attend_item(q, pk, pv, pbias, prompt_of, plen, pcols, gk, gv, new_k, new_v, v_stride, cols,       \
+                            width, out, item, kv_heads, rep, hd, scores, BF);                                     \
+            free(scores);                                                                                         \
+        }                                                                                                         \
     }
-}
-
-void lr_attend_bf16(const float *q, const uint16_t *kc, const uint16_t *vc, const float *bias, uint16_t *out,
-                    int64_t n, int64_t kv_heads, int64_t rep, int64_t hd, int64_t cols, int64_t width) {
-#pragma omp parallel
-    {
-        float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(width));
-#pragma omp for schedule(static)
-        for (int64_t item = 0; item < n * kv_heads; ++item)
-            attend_item(q, kc, vc, bias, out, item, kv_heads, rep, hd, cols, width, scores, 1);
-        free(scores);
-    }
-}
+ATTEND(lr_attend, float, 0)
+ATTEND(lr_attend_bf16, uint16_t, 1)
 
 #define BLOCK 256 /* vocabulary entries per block of the sampler's first level */
 

@@ -125,6 +125,7 @@ class LeanLlama:
                              "to use them where they work")
         self.fused = usable
         self.rotary = base.rotary_emb
+        self._rope_table: tuple[Tensor, Tensor] | None = None  # float32 cos, signed sin by position (`_rope_rows`)
         # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
         self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=device)
         self.qk_scale[:self.heads] = self.head_dim**-0.5
@@ -234,22 +235,44 @@ class LeanLlama:
             x = self._mlp_block(layer, x)
         return self.logits(x[:, 0])
 
-    def _decode_fused(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
+    def _decode_fused(self, tokens: Tensor, positions: Tensor, cache: SharedPromptKVCache, column: int) -> Tensor:
         """`decode` through `cpu_kernels`: per layer, four projections (torch's) and four fused kernels. The
         residual stream `x` is updated in place: each residual add rides on the next RMSNorm. The rotation and
         the attention run in float32 for a bfloat16 model too (queries, scores and weights are never rounded)."""
         n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
-        cos, sin = (t.reshape(n, -1, hd) for t in self.rope(positions[:, None], torch.float32))
+        cos, sin = self._rope_rows(positions)
+        new = column - cache.prompt_width  # the column of the generated part
         x, pending = F.embedding(tokens, self.embed), None
-        for layer, (kc, vc) in zip(self.layers, cache.kv):
+        for layer, (kc, vc), (pk, pv) in zip(self.layers, cache.kv, cache.prompt):
             h = k.add_rms_norm(x, pending, layer.ln1, self.eps)
             qk, v = layer.qkv(h, groups=(2, 1))
-            q = k.rope_store(qk.view(n, -1, hd), v.view(n, -1, hd), cos, sin, kc, vc, self.heads, column)
-            out = k.attend(q, kc, vc, cache.bias, column + 1)
+            q, new_k = k.rope(qk.view(n, -1, hd), cos, sin, self.heads)
+            out = k.attend(q, pk, pv, cache.bias, cache.prompt_of_row, kc, vc, new_k, v.view(n, -1, hd), new + 1)
             h = k.add_rms_norm(x, layer.o(out.view(n, -1)), layer.ln2, self.eps)
             gate, up = layer.gate_up(h)
             pending = layer.down(k.silu_mul(gate, up))
         return self.lm_head(k.add_rms_norm(x, pending, self.norm, self.eps)).float()
+
+    def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 cos, signed sin (n, heads + kv_heads, hd) at one position per row: rows of a table made by the
+        rotary module once for every position up to the largest asked (twice that, when it grows), where its
+        values do not depend on the sequence length (not for "dynamic" RoPE scaling, which is computed each step)."""
+        if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            cos, sin = self.rope(positions[:, None], torch.float32)
+            return cos.flatten(1, 2), sin.flatten(1, 2)
+        top = int(positions.max()) + 1
+        if self._rope_table is None or self._rope_table[0].shape[0] < top:
+            cos, sin = self.rope(torch.arange(2 * top, device=positions.device)[None], torch.float32)
+            self._rope_table = (cos[0].transpose(0, 1).contiguous(), sin[0].transpose(0, 1).contiguous())
+        return self._rope_table[0][positions], self._rope_table[1][positions]
+
+    def new_cache(self, prompt_kvs: list[tuple[Tensor, Tensor]], prompt_mask: Tensor, repeat: int,
+                  new_columns: int) -> StaticKVCache | SharedPromptKVCache:
+        """The cache `decode` takes, after `prefill` of these prompts: `repeat` rows per prompt, room for
+        `new_columns` generated tokens each (the fused kernels read each prompt's part once per prompt)."""
+        if self.fused:
+            return SharedPromptKVCache(prompt_kvs, prompt_mask, repeat, new_columns)
+        return StaticKVCache(self, prompt_kvs, prompt_mask, repeat, prompt_mask.shape[1] + new_columns)
 
 
 class StaticKVCache:
@@ -278,3 +301,28 @@ class StaticKVCache:
         """Drop every row not in `rows` (indices into the current rows), compacting the cache."""
         self.kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv]
         self.bias = None if self.bias is None else self.bias.index_select(0, rows)
+
+
+class SharedPromptKVCache:
+    """The fused decode's cache. The prompt part: each prompt's keys and values (prompts, Hkv, P, hd) once, read
+    by all the rows sampled from it (`prompt_of_row`); `bias` (prompts, P) is 0 at real prompt tokens and -inf at
+    padding, None when no prompt has padding. The generated part: each row's keys and values (rows, Hkv, columns,
+    hd), allocated once for every new token, columns rounded up to a multiple of `cpu_kernels.KEY_BLOCK`. Keys
+    are stored in the kernels' blocked layout (`cpu_kernels.blocked_keys`)."""
+
+    def __init__(self, prompt_kvs: list[tuple[Tensor, Tensor]], prompt_mask: Tensor, repeat: int,
+                 new_columns: int) -> None:
+        prompts, p = prompt_mask.shape
+        rows, device, self.prompt_width = prompts * repeat, prompt_mask.device, p
+        self.prompt = [(cpu_kernels.blocked_keys(k), v.contiguous()) for k, v in prompt_kvs]
+        cols = -(-new_columns // cpu_kernels.KEY_BLOCK) * cpu_kernels.KEY_BLOCK
+        self.kv = [(cpu_kernels.blocked_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), cols),
+                    v.new_empty(rows, v.shape[1], cols, v.shape[3])) for k, v in prompt_kvs]
+        self.prompt_of_row = torch.arange(prompts, device=device).repeat_interleave(repeat)
+        real = prompt_mask.bool()
+        self.bias = None if bool(real.all()) else torch.zeros(real.shape, device=device).masked_fill(~real, -torch.inf)
+
+    def keep(self, rows: Tensor) -> None:
+        """Drop every row not in `rows` (indices into the current rows); the prompt part stays as it is."""
+        self.kv = [(k.index_select(0, rows), v.index_select(0, rows)) for k, v in self.kv]
+        self.prompt_of_row = self.prompt_of_row.index_select(0, rows)

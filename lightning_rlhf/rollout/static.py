@@ -10,9 +10,9 @@ For Llama-family models (`lean_llama.py`) it
     still generating, the finished rows are dropped (a copy of the cache, amortised over the steps after);
   - groups prompts of similar length into one call when `max_batch_size` splits the rows (less padding);
   - samples in `dtype` (default: the model's), e.g. bfloat16 on a CPU with native bf16 matmuls;
-  - in float32 on a CPU, decodes with fused C kernels (`cpu_kernels.py`): each residual add with the next
-    RMSNorm, RoPE with the cache writes, SiLU with the product, a whole attention and the sampling in one
-    pass each.
+  - in float32 or bfloat16 on a CPU, decodes with fused C kernels (`cpu_kernels.py`): each residual add with
+    the next RMSNorm, RoPE, SiLU with the product, a whole attention (with the cache writes) and the sampling
+    in one pass each, over a cache that holds each prompt's keys and values once for all its rows.
 Other architectures fall back to the "hf" engine, with one message saying why.
 
 Simplified: the Python loop issues a fixed set of kernels per token and layer (no CUDA graphs, no
@@ -35,7 +35,7 @@ from lightning_rlhf.rollout.base import (
 )
 from lightning_rlhf.rollout.hf import HFGenerateEngine
 from lightning_rlhf.rollout.keyed import keyed_uniform, row_keys
-from lightning_rlhf.rollout.lean_llama import LeanLlama, StaticKVCache, unsupported_reason
+from lightning_rlhf.rollout.lean_llama import LeanLlama, unsupported_reason
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -203,7 +203,7 @@ class StaticCacheEngine(RolloutEngine):
         `keys` (prompts,): keyed sampling, each row's uniforms from its row key and the token position."""
         g, steps, width = p.num_generations, p.max_new_tokens, ids.shape[1]
         logits, kvs = lean.prefill(ids, mask)
-        cache = StaticKVCache(lean, kvs, mask, g, width + steps)
+        cache = lean.new_cache(kvs, mask, g, steps)
         n = ids.shape[0] * g
         tokens = torch.full((n, steps), p.pad_token_id, dtype=torch.long, device=ids.device)
         logprobs = torch.zeros(n, steps, device=ids.device)
