@@ -10,7 +10,8 @@ at 32 rows (4 per prompt of 51 tokens, as the GRPO benchmark; 4 heads of 32, 4 l
 Each pass goes through every layer's cache, as a decode step does. A version whose kernel takes one cache per
 row (before the prompt's keys and values were shared by its rows) gets each row's copy of its prompt's columns
 followed by its own; the newer kernel also writes the new token's key and value into the cache (which the
-older one left to `lr_rope_store`), so it is timed doing more. The two versions alternate pass by pass (this machine's speed drifts); prints the mean
+older one left to `lr_rope_store`), so it is timed doing more. In bfloat16 on a CPU with bfloat16 dot products the
+newer kernel rounds the queries and weights to bfloat16 (as the eager step does), so the outputs differ by that. The two versions alternate pass by pass (this machine's speed drifts); prints the mean
 microseconds per call of each, the ratio and their largest difference.
 """
 
@@ -49,19 +50,20 @@ def caller(lib: ctypes.CDLL, symbol: str, shared: bool):
 
 
 def layer_caches(n, heads, kv, hd, plen, cols, width, group, dtype) -> dict:
-    """One layer's caches in both layouts: the prompt's part once per prompt and keys in blocks (the engine's
-    now), and each row's copy of its prompt's, keys transposed (before)."""
+    """One layer's caches in both layouts: the prompt's part once per prompt, in the kernels' cache layout (the
+    engine's now), and each row's copy of its prompt's, keys transposed (before)."""
     prompts = n // group
-    prompt_keys, pv = torch.randn(prompts, kv, plen, hd).to(dtype), torch.randn(prompts, kv, plen, hd).to(dtype)
-    keys, v = torch.randn(n, kv, cols, hd).to(dtype), torch.randn(n, kv, cols, hd).to(dtype)
-    pk, k = cpu_kernels.blocked_keys(prompt_keys), cpu_kernels.blocked_keys(keys)  # as the engine stores them
+    prompt_keys, prompt_values = (torch.randn(prompts, kv, plen, hd).to(dtype) for _ in range(2))
+    keys, values = (torch.randn(n, kv, cols, hd).to(dtype) for _ in range(2))
+    pk, pv = cpu_kernels.cache_keys(prompt_keys), cpu_kernels.cache_values(prompt_values)
+    k, v = cpu_kernels.cache_keys(keys), cpu_kernels.cache_values(values)
     bias = torch.zeros(prompts, plen)
     bias[0, :5] = float("-inf")  # one left-padded prompt
     of_row = torch.arange(prompts).repeat_interleave(group)
     row_bias = torch.cat([bias[of_row], torch.zeros(n, cols)], -1)
-    per_row = (torch.cat([prompt_keys[of_row], keys], 2).transpose(2, 3).contiguous(), torch.cat([pv[of_row], v], 2),
-               row_bias)
-    new = (keys[:, :, width - 1].contiguous(), v[:, :, width - 1].clone())  # written at column width - 1 again
+    per_row = (torch.cat([prompt_keys[of_row], keys], 2).transpose(2, 3).contiguous(),
+               torch.cat([prompt_values[of_row], values], 2), row_bias)
+    new = (keys[:, :, width - 1].contiguous(), values[:, :, width - 1].clone())  # written at column width - 1 again
     return {"shared": (pk, pv, bias, of_row, k, v, *new),
             "dims": (kv * hd, plen, pk.shape[2] * 32, cols, width, n, kv, heads // kv, hd),
             "per_row": per_row, "row_dims": (n, kv, heads // kv, hd, plen + cols, plen + width)}

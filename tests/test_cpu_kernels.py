@@ -66,15 +66,37 @@ def test_silu_mul_by_hand_and_on_the_halves_of_a_stacked_output():
     assert (K.silu_mul(gate, up) - F.silu(gate) * up).abs().max() < 1e-5
 
 
-def test_blocked_keys_hold_each_block_of_32_columns_transposed():
-    # keys (P = 3 columns, hd = 2): column c = [10c, 10c + 1]. Blocked: (1 block, hd 2, 32), entry [e, c] = key e
-    # of column c, 0 past the third column; unblocked_keys gives the columns back, padded to 32
+def test_cache_keys_hold_each_block_of_32_columns_transposed():
+    # keys (P = 3 columns, hd = 2): column c = [10c, 10c + 1]. Cached: (1 block, hd 2, 32), entry [e, c] = key e
+    # of column c, 0 past the third column; plain_keys gives the columns back, padded to 32
     keys = torch.tensor([[0.0, 1.0], [10.0, 11.0], [20.0, 21.0]])
-    blocked = K.blocked_keys(keys)
-    assert blocked.shape == (1, 2, 32)
-    assert blocked[0, :, :3].tolist() == [[0.0, 10.0, 20.0], [1.0, 11.0, 21.0]] and blocked[0, :, 3:].abs().sum() == 0
-    assert torch.equal(K.unblocked_keys(blocked)[:3], keys)
-    assert K.blocked_keys(torch.zeros(4, 0, 2), 33).shape == (4, 2, 2, 32)  # room for 33 columns: two blocks
+    cached = K.cache_keys(keys)
+    assert cached.shape == (1, 2, 32)
+    assert cached[0, :, :3].tolist() == [[0.0, 10.0, 20.0], [1.0, 11.0, 21.0]] and cached[0, :, 3:].abs().sum() == 0
+    assert torch.equal(K.plain_keys(cached)[:3], keys)
+    assert K.cache_keys(torch.zeros(4, 0, 2), 33).shape == (4, 2, 2, 32)  # room for 33 columns: two blocks
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
+    assert K.cache_values(values).shape == (32, 2) and torch.equal(K.plain_values(K.cache_values(values))[:3], values)
+
+
+@needs_kernels
+@pytest.mark.skipif(not K.pairs_layout(), reason="this CPU has no bfloat16 dot products (AVX512_BF16)")
+def test_bf16_caches_hold_pairs_for_the_dot_products():
+    # keys (P = 3, hd = 4): column c = [10c, 10c + 1, 10c + 2, 10c + 3]. Pairs: (1 block, hd / 2, 32, 2), entry
+    # [i, c] = keys 2i and 2i + 1 of column c: [0, 1] = (10, 11), [1, 2] = (22, 23)
+    keys = (torch.arange(3)[:, None] * 10 + torch.arange(4)).to(torch.bfloat16)
+    cached = K.cache_keys(keys)
+    assert cached.shape == (1, 2, 32, 2)
+    assert cached[0, 0, 1].tolist() == [10.0, 11.0] and cached[0, 1, 2].tolist() == [22.0, 23.0]
+    # values (P = 3, hd = 2): column c = [c + 1, c + 11]. Pairs: (16, hd, 2), entry [j, e] = value e of columns 2j
+    # and 2j + 1: [0, 1] = (11, 12), [1, 0] = (3, 0): the fourth column is padding, 0
+    values = torch.tensor([[1.0, 11.0], [2.0, 12.0], [3.0, 13.0]], dtype=torch.bfloat16)
+    cv = K.cache_values(values)
+    assert cv.shape == (16, 2, 2) and cv[0, 1].tolist() == [11.0, 12.0] and cv[1, 0].tolist() == [3.0, 0.0]
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 40, 16).to(torch.bfloat16)
+    assert torch.equal(K.plain_keys(K.cache_keys(x))[:, :, :40], x)
+    assert torch.equal(K.plain_values(K.cache_values(x))[:, :, :40], x)
 
 
 @needs_kernels
@@ -99,55 +121,79 @@ def _eager_attend(q, kc, vc, bias, width):
     return torch.matmul(scores.softmax(-1), vc[:, :, :width]).view(n, heads, hd)
 
 
-def _attend_new(q, pk, pv, bias, of_row, k, v, width, strided: bool = False):
+def _attend_new(q, pk, pv, plen, bias, of_row, k, v, width, strided: bool = False):
     """K.attend with a new key and value (random) for column width - 1, checking they were written there."""
-    n, kv, _, hd = v.shape
+    n, kv, hd = q.shape[0], pk.shape[1], q.shape[2]
     new_k = torch.randn(n, kv, hd).to(v.dtype)
-    new_v = torch.randn(n, 2 * kv * hd)[:, kv * hd:].view(n, kv, hd) if strided else torch.randn(n, kv, hd)
-    got = K.attend(q, pk, pv, bias, of_row, k, v, new_k, new_v.to(v.dtype), width)
-    assert torch.equal(K.unblocked_keys(k)[:, :, width - 1], new_k) and torch.equal(v[:, :, width - 1], new_v.to(v.dtype))
+    new_v = (torch.randn(n, 2 * kv * hd)[:, kv * hd:].view(n, kv, hd) if strided else torch.randn(n, kv, hd)).to(v.dtype)
+    got = K.attend(q, pk, pv, plen, bias, of_row, k, v, new_k, new_v, width)
+    assert torch.equal(K.plain_keys(k)[:, :, width - 1], new_k) and torch.equal(K.plain_values(v)[:, :, width - 1], new_v)
     return got
 
 
-def _per_row(prompt_k, prompt_v, prompt_bias, prompt_of_row, k, v, width):
+def _per_row(prompt_k, prompt_v, plen, prompt_bias, prompt_of_row, k, v, width):
     """Each row's whole cache (its prompt's columns, then its own first `width`) and bias, as the eager step has
-    them: keys (n, kv, hd, columns)."""
-    plen = prompt_v.shape[2]
-    keys = [K.unblocked_keys(prompt_k)[:, :, :plen][prompt_of_row], K.unblocked_keys(k)[:, :, :width]]
-    kc = torch.cat(keys, dim=2).transpose(2, 3)
-    vc = torch.cat([prompt_v[prompt_of_row], v[:, :, :width]], dim=2)
+    them (float32): keys (n, kv, hd, columns), values (n, kv, columns, hd)."""
+    keys = [K.plain_keys(prompt_k)[:, :, :plen][prompt_of_row], K.plain_keys(k)[:, :, :width]]
+    kc = torch.cat(keys, dim=2).transpose(2, 3).float()
+    vc = torch.cat([K.plain_values(prompt_v)[:, :, :plen][prompt_of_row], K.plain_values(v)[:, :, :width]], 2).float()
     bias = None if prompt_bias is None else torch.cat([prompt_bias[prompt_of_row], torch.zeros(k.shape[0], width)], -1)
     return kc, vc, bias, kc.shape[-1]
 
 
+def _eager_like_the_kernel(q, kc, vc, bias, width):
+    """The attention as the kernel computes it: in bfloat16 with the CPU's dot products, the queries and the
+    weights rounded to bfloat16 first (as the eager bfloat16 step rounds them); else float32 throughout."""
+    if vc.dtype == torch.bfloat16 and K.pairs_layout():
+        n, heads, hd = q.shape
+        kv = kc.shape[1]
+        scores = torch.matmul(q.bfloat16().float().view(n, kv, heads // kv, hd), kc.float()[..., :width])
+        if bias is not None:
+            scores = scores + bias[:, None, None, :width]
+        weights = scores.softmax(-1).bfloat16().float()
+        return torch.matmul(weights, vc.float()[:, :, :width]).view(n, heads, hd)
+    return _eager_attend(q, kc.float(), vc.float(), bias, width)
+
+
+def _close(got, want, dtype) -> bool:
+    """float32: to 1e-5. bfloat16: each value within 2 bfloat16 steps, plus 2^-7 for values near 0 (the reference
+    rounds the same weights, but a weight a hair from a rounding boundary may round the other way in one of them:
+    2^-9 of a weight times a value of up to about 4)."""
+    if dtype == torch.float32:
+        return bool((got - want).abs().max() < 1e-5)
+    return bool(((got.float() - want).abs() <= 2 * BF16_ULP * want.abs() + 2.0**-7).all())
+
+
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kv,rep", [(4, 1), (2, 3), (1, 5)])  # rep 5: two passes of at most 4 query heads
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 37, 64])  # below, at and past blocks of 8, 16 and 32 columns
-@pytest.mark.parametrize("plen", [5, 33])
-def test_attend_matches_the_eager_softmax_attention(kv, rep, width, plen):
+@pytest.mark.parametrize("plen", [5, 33])  # odd: the bfloat16 pairs end in a padding column
+def test_attend_matches_the_eager_softmax_attention(dtype, kv, rep, width, plen):
     torch.manual_seed(3)
     n, hd, cols = 5, 32, 64
     q = torch.randn(n, kv * rep, hd) * 0.3
-    prompt_keys, pv = torch.randn(3, kv, plen, hd), torch.randn(3, kv, plen, hd)
-    pk = K.blocked_keys(prompt_keys)
+    prompt_keys, prompt_values = torch.randn(3, kv, plen, hd).to(dtype), torch.randn(3, kv, plen, hd).to(dtype)
+    pk, pv = K.cache_keys(prompt_keys), K.cache_values(prompt_values)
     bias = torch.zeros(3, plen)
     bias[1, :3] = float("-inf")  # prompt 1 is left-padded
     of_row = torch.tensor([1, 0, 1, 2, 0])  # rows as compaction leaves them: not in prompt order
-    keys, v = torch.randn(n, kv, cols, hd), torch.randn(n, kv, cols, hd)
-    k = K.blocked_keys(keys)
-    got = _attend_new(q, pk, pv, bias, of_row, k, v, width, strided=True)
-    assert (got - _eager_attend(q, *_per_row(pk, pv, bias, of_row, k, v, width))).abs().max() < 1e-5
-    got = _attend_new(q, pk, pv, None, of_row, k, v, width)
-    want = _eager_attend(q, *_per_row(pk, pv, None, of_row, k, v, width))
-    assert (got - want).abs().max() < 1e-5
+    k, v = K.cache_keys(torch.randn(n, kv, cols, hd).to(dtype)), K.cache_values(torch.randn(n, kv, cols, hd).to(dtype))
+    got = _attend_new(q, pk, pv, plen, bias, of_row, k, v, width, strided=True)
+    assert got.dtype == dtype
+    assert _close(got, _eager_like_the_kernel(q, *_per_row(pk, pv, plen, bias, of_row, k, v, width)), dtype)
+    got = _attend_new(q, pk, pv, plen, None, of_row, k, v, width)
+    want = _eager_like_the_kernel(q, *_per_row(pk, pv, plen, None, of_row, k, v, width))
+    assert _close(got, want, dtype)
     # key columns past the prompt (allocated in whole blocks) and past `width` are never used: NaN there
     nan = float("nan")
-    padded = K.blocked_keys(torch.cat([prompt_keys, torch.full((3, kv, 64 - plen, hd), nan)], dim=2))
-    keys = K.unblocked_keys(k)
+    pcols = K.plain_values(pv).shape[2]  # the prompt's columns rounded up to a block
+    padded = K.cache_keys(torch.cat([prompt_keys, torch.full((3, kv, pcols - plen, hd), nan, dtype=dtype)], dim=2))
+    keys = K.plain_keys(k)
     keys[:, :, width:] = nan
-    new_k, new_v = keys[:, :, width - 1].contiguous(), v[:, :, width - 1].clone()  # the same column again
-    got = K.attend(q, padded, pv, None, of_row, K.blocked_keys(keys), v, new_k, new_v, width)
-    assert (got - want).abs().max() < 1e-5
+    new_k, new_v = keys[:, :, width - 1].contiguous(), K.plain_values(v)[:, :, width - 1].clone()  # the same again
+    got = K.attend(q, padded, pv, plen, None, of_row, K.cache_keys(keys), v, new_k, new_v, width)
+    assert _close(got, want, dtype)
 
 
 @needs_kernels
@@ -155,19 +201,21 @@ def test_attend_gives_a_masked_column_no_weight_at_all():
     # scores all 0 (q = 0) over the prompt's two columns, the second masked, and one generated column: weights
     # [0.5, 0, 0.5], so the output is (2 + 4) / 2 = 3 exactly, however large the masked column's value
     q = torch.zeros(1, 1, 16)
-    pk, pv = K.blocked_keys(torch.zeros(1, 1, 2, 16)), torch.zeros(1, 1, 2, 16)
-    pv[0, 0, 0], pv[0, 0, 1] = 2.0, 1e30
-    k, v = K.blocked_keys(torch.zeros(1, 1, 32, 16)), torch.zeros(1, 1, 32, 16)
+    prompt_values = torch.zeros(1, 1, 2, 16)
+    prompt_values[0, 0, 0], prompt_values[0, 0, 1] = 2.0, 1e30
+    pk, pv = K.cache_keys(torch.zeros(1, 1, 2, 16)), K.cache_values(prompt_values)
+    k, v = K.cache_keys(torch.zeros(1, 1, 32, 16)), K.cache_values(torch.zeros(1, 1, 32, 16))
     new_k, new_v = torch.zeros(1, 1, 16), torch.full((1, 1, 16), 4.0)  # the generated column's key and value
     bias, of_row = torch.tensor([[0.0, float("-inf")]]), torch.tensor([0])
-    assert K.attend(q, pk, pv, bias, of_row, k, v, new_k, new_v, 1).tolist() == [[[3.0] * 16]]
+    assert K.attend(q, pk, pv, 2, bias, of_row, k, v, new_k, new_v, 1).tolist() == [[[3.0] * 16]]
     # unmasked: weights [1/3, 1/3, 1/3] -> (2 + 4 + 4) / 3 with the second value 4
-    pv[0, 0, 1] = 4.0
-    assert torch.allclose(K.attend(q, pk, pv, None, of_row, k, v, new_k, new_v, 1), torch.full((1, 1, 16), 10 / 3))
+    prompt_values[0, 0, 1] = 4.0
+    pv = K.cache_values(prompt_values)
+    assert torch.allclose(K.attend(q, pk, pv, 2, None, of_row, k, v, new_k, new_v, 1), torch.full((1, 1, 16), 10 / 3))
     with pytest.raises(ValueError, match="prompt_of_row must be"):
-        K.attend(q, pk, pv, None, of_row.int(), k, v, new_k, new_v, 1)
+        K.attend(q, pk, pv, 2, None, of_row.int(), k, v, new_k, new_v, 1)
     with pytest.raises(ValueError, match="blocks of 32 columns"):
-        K.attend(q, pk, pv, None, of_row, K.unblocked_keys(k).contiguous(), v, new_k, new_v, 1)
+        K.attend(q, pk, pv, 2, None, of_row, K.plain_keys(k).contiguous(), v, new_k, new_v, 1)
 
 
 def _model_and_prompts(seed: int):
@@ -240,30 +288,27 @@ def test_bf16_rms_norm_and_silu_mul_round_where_torch_does():
 
 
 @needs_kernels
-def test_bf16_rope_and_attend_compute_in_float32():
+def test_bf16_rope_computes_in_float32_and_attend_checks_dtypes():
     torch.manual_seed(6)
-    n, heads, kv, hd, cols, column, width = 3, 6, 2, 32, 32, 9, 10
+    n, heads, kv, hd, cols, column = 3, 6, 2, 32, 32, 9
     qk = torch.randn(n, heads + kv, hd).to(torch.bfloat16)
     v = torch.randn(n, kv, hd).to(torch.bfloat16)
     cos, sin = torch.randn(n, heads + kv, hd), torch.randn(n, heads + kv, hd)
-    kc, vc = (K.blocked_keys(torch.randn(n, kv, cols, hd).to(torch.bfloat16)),
-              torch.randn(n, kv, cols, hd).to(torch.bfloat16))
-    pk, pv = K.blocked_keys(torch.randn(2, kv, 7, hd).to(torch.bfloat16)), torch.randn(2, kv, 7, hd).to(torch.bfloat16)
     rotated = LeanLlama._rotate(qk.float(), cos, sin)  # the float32 rotation of the bfloat16 inputs
     q, k = K.rope(qk, cos, sin, heads)
     assert q.dtype == torch.float32 and (q - rotated[:, :heads]).abs().max() < 1e-5  # never rounded
     assert k.dtype == torch.bfloat16 and _within_bf16_rounding(k, rotated[:, heads:])
-    bias, of_row = torch.zeros(2, 7), torch.tensor([1, 0, 1])
-    bias[0, :3] = float("-inf")
-    out = K.attend(q, pk, pv, bias, of_row, kc, vc, k, v, column + 1)
-    assert torch.equal(K.unblocked_keys(kc)[:, :, column], k) and torch.equal(vc[:, :, column], v)
-    per_row = _per_row(pk.float(), pv.float(), bias, of_row, kc.float(), vc.float(), width)
-    want = _eager_attend(q, *per_row)  # float32 throughout, rounded once at the end
-    assert out.dtype == torch.bfloat16 and _within_bf16_rounding(out, want)
+    kc, vc = (K.cache_keys(torch.randn(n, kv, cols, hd).to(torch.bfloat16)),
+              K.cache_values(torch.randn(n, kv, cols, hd).to(torch.bfloat16)))
+    pk, pv = (K.cache_keys(torch.randn(2, kv, 7, hd).to(torch.bfloat16)),
+              K.cache_values(torch.randn(2, kv, 7, hd).to(torch.bfloat16)))
+    of_row = torch.tensor([1, 0, 1])
+    out = K.attend(q, pk, pv, 7, None, of_row, kc, vc, k, v, column + 1)
+    assert out.dtype == torch.bfloat16 and torch.equal(K.plain_keys(kc)[:, :, column], k)
     with pytest.raises(ValueError, match="must all be float32 or all bfloat16"):
-        K.attend(q, pk, pv, bias, of_row, kc, vc.float(), k, v, width)
+        K.attend(q, pk, pv, 7, None, of_row, kc, vc, k, v.float(), column + 1)
     with pytest.raises(ValueError, match="where float32 is needed"):
-        K.attend(q.to(torch.bfloat16), pk, pv, bias, of_row, kc, vc, k, v, width)
+        K.attend(q.to(torch.bfloat16), pk, pv, 7, None, of_row, kc, vc, k, v, column + 1)
 
 
 @needs_kernels

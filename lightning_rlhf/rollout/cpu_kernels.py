@@ -50,7 +50,7 @@ _ELEMENTWISE = {
 SIGNATURES = {**_ELEMENTWISE, **{f"{name}_bf16": args for name, args in _ELEMENTWISE.items()},
               "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR]}
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
-KEY_BLOCK = 32  # key cache columns per block (`blocked_keys`)
+KEY_BLOCK = 32  # cache columns per block of keys (`cache_keys`)
 
 
 def _forced() -> bool | None:
@@ -163,29 +163,85 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     return out
 
 
-def blocked_keys(keys: Tensor, columns: int | None = None) -> Tensor:
-    """Keys (..., P, hd) in the kernels' key layout: (..., C / KEY_BLOCK, hd, KEY_BLOCK) for C = `columns` (default
-    P) rounded up to a multiple of KEY_BLOCK, column c of block b being key column b * KEY_BLOCK + c, so that a
-    block of score columns reads one contiguous stretch. Columns past P are 0 (P = 0: unset, a cache to fill)."""
+@functools.cache
+def pairs_layout() -> bool:
+    """Whether the kernels' bfloat16 attention uses this CPU's bfloat16 dot products (AVX512_BF16), and with them
+    the "pairs" cache layout (see `cache_keys`, `cache_values`)."""
+    lib = kernels()
+    if lib is None:
+        return False
+    lib.lr_bf16_pairs.argtypes, lib.lr_bf16_pairs.restype = [], ctypes.c_int
+    return bool(lib.lr_bf16_pairs())
+
+
+def _pairs(dtype: torch.dtype) -> bool:
+    return dtype == torch.bfloat16 and pairs_layout()
+
+
+def _columns(p: int, columns: int | None) -> int:
+    return -(-max(p, columns or 0) // KEY_BLOCK) * KEY_BLOCK
+
+
+def cache_keys(keys: Tensor, columns: int | None = None) -> Tensor:
+    """Keys (..., P, hd) in the kernels' cache layout, for C = `columns` (default P) rounded up to a multiple of
+    KEY_BLOCK: blocks of KEY_BLOCK columns, each transposed, (..., C / KEY_BLOCK, hd, KEY_BLOCK), so that a block
+    of score columns reads one contiguous stretch; in bfloat16 with `pairs_layout()`, (..., C / KEY_BLOCK, hd / 2,
+    KEY_BLOCK, 2): head dimensions 2i and 2i + 1 side by side in each column, as the bfloat16 dot products take
+    them. Columns past P are 0 (P = 0: unset, a cache to fill)."""
     *lead, p, hd = keys.shape
-    blocks = -(-max(p, columns or 0) // KEY_BLOCK)
+    c, pairs = _columns(p, columns), _pairs(keys.dtype)
+    shape = (*lead, c // KEY_BLOCK, hd // 2, KEY_BLOCK, 2) if pairs else (*lead, c // KEY_BLOCK, hd, KEY_BLOCK)
     if p == 0:
-        return keys.new_empty(*lead, blocks, hd, KEY_BLOCK)
-    if p < blocks * KEY_BLOCK:
-        keys = torch.cat([keys, keys.new_zeros(*lead, blocks * KEY_BLOCK - p, hd)], dim=-2)
-    return keys.reshape(*lead, blocks, KEY_BLOCK, hd).transpose(-1, -2).contiguous()
+        return keys.new_empty(shape)
+    keys = torch.cat([keys, keys.new_zeros(*lead, c - p, hd)], dim=-2) if c > p else keys
+    if pairs:
+        return keys.reshape(*lead, c // KEY_BLOCK, KEY_BLOCK, hd // 2, 2).transpose(-3, -2).contiguous()
+    return keys.reshape(*lead, c // KEY_BLOCK, KEY_BLOCK, hd).transpose(-1, -2).contiguous()
 
 
-def unblocked_keys(blocked: Tensor) -> Tensor:
-    """The (..., C, hd) keys of a `blocked_keys` layout (a copy)."""
-    *lead, blocks, hd, kb = blocked.shape
-    return blocked.transpose(-1, -2).reshape(*lead, blocks * kb, hd)
+def cache_values(values: Tensor, columns: int | None = None) -> Tensor:
+    """Values (..., P, hd) in the kernels' cache layout, C columns as `cache_keys`: (..., C, hd); in bfloat16
+    with `pairs_layout()`, (..., C / 2, hd, 2): columns 2j and 2j + 1 side by side in each head dimension.
+    Columns past P are 0 (P = 0: a cache to fill, zeroed in the pairs layout, whose unwritten neighbours of the
+    last column are read with weight 0)."""
+    *lead, p, hd = values.shape
+    c, pairs = _columns(p, columns), _pairs(values.dtype)
+    if c > p:
+        values = torch.cat([values, values.new_zeros(*lead, c - p, hd)], dim=-2)
+    if pairs:
+        return values.reshape(*lead, c // 2, 2, hd).transpose(-1, -2).contiguous()
+    return values.contiguous()
 
 
-def _blocked(kc: Tensor, vc: Tensor) -> None:
-    if kc.dim() != 5 or kc.shape[-1] != KEY_BLOCK or kc.shape[2] * KEY_BLOCK != vc.shape[2]:
-        raise ValueError(f"keys of shape {tuple(kc.shape)} with values {tuple(vc.shape)}: the keys must be in "
-                         f"blocks of {KEY_BLOCK} columns (`blocked_keys`), as many columns as the values")
+def plain_keys(cached: Tensor) -> Tensor:
+    """The (..., C, hd) keys of a `cache_keys` layout (a copy)."""
+    if _pairs(cached.dtype):
+        *lead, blocks, half, kb, _ = cached.shape
+        return cached.transpose(-3, -2).reshape(*lead, blocks * kb, 2 * half)
+    *lead, blocks, hd, kb = cached.shape
+    return cached.transpose(-1, -2).reshape(*lead, blocks * kb, hd)
+
+
+def plain_values(cached: Tensor) -> Tensor:
+    """The (..., C, hd) values of a `cache_values` layout."""
+    if _pairs(cached.dtype):
+        *lead, half, hd, _ = cached.shape
+        return cached.transpose(-1, -2).reshape(*lead, 2 * half, hd)
+    return cached
+
+
+def _cache_columns(k: Tensor, v: Tensor) -> int:
+    """The columns of a key and value cache in the kernels' layout (`cache_keys`, `cache_values`)."""
+    n, kv, hd = v.shape[0], v.shape[1], v.shape[3]
+    pairs = _pairs(k.dtype)
+    cols = k.shape[2] * KEY_BLOCK
+    want_k = (n, kv, cols // KEY_BLOCK, hd // 2, KEY_BLOCK, 2) if pairs else (n, kv, cols // KEY_BLOCK, hd, KEY_BLOCK)
+    want_v = (n, kv, cols // 2, hd, 2) if pairs else (n, kv, cols, hd)
+    if tuple(k.shape) != want_k or tuple(v.shape) != want_v:
+        raise ValueError(f"keys of shape {tuple(k.shape)} with values {tuple(v.shape)}: a cache must be in the "
+                         f"kernels' layout (`cache_keys`, `cache_values`: blocks of {KEY_BLOCK} columns), keys "
+                         f"{want_k} and values {want_v} here")
+    return cols
 
 
 def rope(qk: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tensor]:
@@ -202,30 +258,30 @@ def rope(qk: Tensor, cos: Tensor, sin: Tensor, heads: int) -> tuple[Tensor, Tens
     return q, k
 
 
-def attend(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_bias: Tensor | None, prompt_of_row: Tensor,
-           k: Tensor, v: Tensor, new_k: Tensor, new_v: Tensor, width: int) -> Tensor:
+def attend(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_len: int, prompt_bias: Tensor | None,
+           prompt_of_row: Tensor, k: Tensor, v: Tensor, new_k: Tensor, new_v: Tensor, width: int) -> Tensor:
     """Write the new token's key and value (new_k (n, kv, hd); new_v (n, kv, hd), rows may be strided) into each
-    row's cache at column width - 1; then softmax(q k^T + bias) v of each row over its prompt's keys/values and
-    the first `width` of its own. q (n, heads, hd) float32, pre-scaled, the heads of one key/value head adjacent;
-    prompt_v (prompts, kv, P, hd), prompt_k its keys as `blocked_keys` makes them (columns past P are ignored);
-    prompt_bias (prompts, P) float32 (0, or -inf at padding) or None; prompt_of_row (n,) int64: the prompt each
-    row samples from; v (n, kv, cols, hd), k its keys, blocked: the generated part. Caches and new keys/values
+    row's cache at column width - 1; then softmax(q k^T + bias) v of each row over the first `prompt_len`
+    columns of its prompt's keys/values and the first `width` of its own. q (n, heads, hd) float32, pre-scaled,
+    the heads of one key/value head adjacent; prompt_k, prompt_v: (prompts, kv, ...) and k, v: (n, kv, ...) in the
+    kernels' layout (`cache_keys`, `cache_values`); prompt_bias (prompts, prompt_len) float32 (0, or -inf at
+    padding) or None; prompt_of_row (n,) int64: the prompt each row samples from. Caches and new keys/values
     float32 or bfloat16 -> (n, heads, hd) in their dtype."""
     _contiguous(q, prompt_k, prompt_v, prompt_bias, prompt_of_row, k, v, new_k)
-    _blocked(k, v)
     n, heads, hd = q.shape
-    kv_heads, cols, plen, pcols = v.shape[1], v.shape[2], prompt_v.shape[2], prompt_k.shape[2] * KEY_BLOCK
-    if prompt_of_row.dtype != torch.int64 or prompt_of_row.shape != (n,) or not 1 <= width <= cols or pcols < plen:
-        raise ValueError(f"attend: prompt_of_row must be ({n},) int64, 1 <= width <= {cols} and the prompt's keys "
-                         f"hold >= {plen} columns; got {prompt_of_row.dtype} {tuple(prompt_of_row.shape)}, width "
-                         f"{width}, {pcols} key columns")
+    kv_heads, pcols, cols = v.shape[1], _cache_columns(prompt_k, prompt_v), _cache_columns(k, v)
+    if prompt_of_row.dtype != torch.int64 or prompt_of_row.shape != (n,) or not 1 <= width <= cols or not (
+            0 <= prompt_len <= pcols):
+        raise ValueError(f"attend: prompt_of_row must be ({n},) int64, 1 <= width <= {cols} and 0 <= prompt_len <= "
+                         f"{pcols}; got {prompt_of_row.dtype} {tuple(prompt_of_row.shape)}, width {width}, "
+                         f"prompt_len {prompt_len}")
     if new_k.shape != (n, kv_heads, hd) or new_v.shape != new_k.shape or new_v.stride()[1:] != (hd, 1):
         raise ValueError(f"attend: the new keys {tuple(new_k.shape)} and values {tuple(new_v.shape)} must be "
                          f"({n}, {kv_heads}, {hd}), each row's values contiguous")
     out = torch.empty_like(q, dtype=k.dtype)
     _variant("lr_attend", prompt_k, prompt_v, k, v, new_k, new_v, float32=(q, prompt_bias))(
         _p(q), _p(prompt_k), _p(prompt_v), _p(prompt_bias), _p(prompt_of_row), _p(k), _p(v), _p(new_k), _p(new_v),
-        _p(out), new_v.stride(0), plen, pcols, cols, width, n, kv_heads, heads // kv_heads, hd)
+        _p(out), new_v.stride(0), prompt_len, pcols, cols, width, n, kv_heads, heads // kv_heads, hd)
     return out
 
 

@@ -247,7 +247,8 @@ class LeanLlama:
             h = k.add_rms_norm(x, pending, layer.ln1, self.eps)
             qk, v = layer.qkv(h, groups=(2, 1))
             q, new_k = k.rope(qk.view(n, -1, hd), cos, sin, self.heads)
-            out = k.attend(q, pk, pv, cache.bias, cache.prompt_of_row, kc, vc, new_k, v.view(n, -1, hd), new + 1)
+            out = k.attend(q, pk, pv, cache.prompt_width, cache.bias, cache.prompt_of_row, kc, vc, new_k,
+                           v.view(n, -1, hd), new + 1)
             h = k.add_rms_norm(x, layer.o(out.view(n, -1)), layer.ln2, self.eps)
             gate, up = layer.gate_up(h)
             pending = layer.down(k.silu_mul(gate, up))
@@ -306,18 +307,18 @@ class StaticKVCache:
 class SharedPromptKVCache:
     """The fused decode's cache. The prompt part: each prompt's keys and values (prompts, Hkv, P, hd) once, read
     by all the rows sampled from it (`prompt_of_row`); `bias` (prompts, P) is 0 at real prompt tokens and -inf at
-    padding, None when no prompt has padding. The generated part: each row's keys and values (rows, Hkv, columns,
-    hd), allocated once for every new token, columns rounded up to a multiple of `cpu_kernels.KEY_BLOCK`. Keys
-    are stored in the kernels' blocked layout (`cpu_kernels.blocked_keys`)."""
+    padding, None when no prompt has padding. The generated part: each row's keys and values, allocated once for
+    every new token. All in the kernels' layout (`cpu_kernels.cache_keys`, `cache_values`: columns in blocks of
+    32, keys transposed in each block; bfloat16 with the CPU's bfloat16 dot products, in pairs)."""
 
     def __init__(self, prompt_kvs: list[tuple[Tensor, Tensor]], prompt_mask: Tensor, repeat: int,
                  new_columns: int) -> None:
         prompts, p = prompt_mask.shape
         rows, device, self.prompt_width = prompts * repeat, prompt_mask.device, p
-        self.prompt = [(cpu_kernels.blocked_keys(k), v.contiguous()) for k, v in prompt_kvs]
-        cols = -(-new_columns // cpu_kernels.KEY_BLOCK) * cpu_kernels.KEY_BLOCK
-        self.kv = [(cpu_kernels.blocked_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), cols),
-                    v.new_empty(rows, v.shape[1], cols, v.shape[3])) for k, v in prompt_kvs]
+        k_ = cpu_kernels
+        self.prompt = [(k_.cache_keys(k), k_.cache_values(v)) for k, v in prompt_kvs]
+        self.kv = [(k_.cache_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), new_columns),
+                    k_.cache_values(v.new_empty(rows, v.shape[1], 0, v.shape[3]), new_columns)) for k, v in prompt_kvs]
         self.prompt_of_row = torch.arange(prompts, device=device).repeat_interleave(repeat)
         real = prompt_mask.bool()
         self.bias = None if bool(real.all()) else torch.zeros(real.shape, device=device).masked_fill(~real, -torch.inf)
