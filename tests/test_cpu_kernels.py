@@ -397,3 +397,12 @@ def test_sample_picks_the_token_of_the_two_level_torch_inversion(vocab):
     probs[:, [3, 7]] = 0.0
     assert torch.equal(tokens, _invert_cdf(probs, u)) and not bool(torch.isin(tokens, torch.tensor([3, 7])).any())
     assert (logps - want_logp).abs().max() < 1e-5
+
+
+@needs_kernels
+def test_sample_reads_bf16_logits_as_their_float32_copy():
+    torch.manual_seed(6)
+    logits = (torch.randn(16, 1000) * 3).to(torch.bfloat16)
+    u = 1.0 - torch.rand(16, 1, dtype=torch.float64)
+    got, want = K.sample(logits, 0.7, u, torch.tensor([2])), K.sample(logits.float(), 0.7, u, torch.tensor([2]))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])

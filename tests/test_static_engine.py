@@ -206,3 +206,19 @@ def test_shared_prompt_forward_equals_full_forward_with_gradients(monkeypatch, t
     torch.testing.assert_close(shared, full, atol=2e-6, rtol=0)
     for a, b in zip(model.parameters(), full_model.parameters()):
         torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("engine", ["hf", "static"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_sampling_under_a_stages_bf16_autocast_keeps_the_engines_precision(engine, packed, monkeypatch):
+    # a bf16-mixed stage samples inside torch.autocast: the engine turns it off, so a float32 model samples in
+    # float32 (the same tokens and log-probs as outside autocast; packed oneDNN weights used to get bfloat16
+    # inputs there and fail)
+    if packed and not cpu_linear.onednn_available():
+        pytest.skip("no oneDNN float32 linear here")
+    monkeypatch.setattr(cpu_linear.PackedLinear, "pays", staticmethod(lambda like, rows, out_features=None: packed))
+    model = llama()
+    plain = run(engine, model, greedy=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = run(engine, model, greedy=True)
+    assert torch.equal(plain.response_ids, mixed.response_ids) and torch.equal(plain.logprobs, mixed.logprobs)

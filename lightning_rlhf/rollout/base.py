@@ -196,14 +196,16 @@ class RolloutEngine(abc.ABC):
         given as keywords (`engine.generate(model, ids, mask, num_generations=4, max_new_tokens=32,
         temperature=1.0, eos_token_id=eos, pad_token_id=pad)`), or a `params` object (keywords given
         beside it override its fields). Returns a Rollout with N = B * num_generations rows and
-        group_size = num_generations.
+        group_size = num_generations. Autocast is off inside (a stage's bf16-mixed training wraps its steps in
+        it): the engine's own `dtype` setting is the sampling precision.
         """
         params = SamplingParams(**sampling) if params is None else replace(params, **sampling)
         check_generate_args(prompt_ids, prompt_mask, params)
         if params.prompt_keys is not None and not self.supports_keys:
             raise ValueError(f"{type(self).__name__} cannot sample with prompt_keys (rollout.sampling_seed): "
                              "use the 'static' engine, or set rollout.sampling_seed to null")
-        return self._generate(model, prompt_ids, prompt_mask, params)
+        with torch.autocast(prompt_ids.device.type, enabled=False):
+            return self._generate(model, prompt_ids, prompt_mask, params)
 
     @abc.abstractmethod
     def _generate(self, model: torch.nn.Module, prompt_ids: Tensor, prompt_mask: Tensor,

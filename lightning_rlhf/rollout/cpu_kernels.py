@@ -17,8 +17,14 @@ The library links the OpenMP runtime that torch already loaded (same soname), so
 threads and its thread count (`torch.set_num_threads`).
 
 Models in float32 or bfloat16 (a float16 rollout decodes eagerly); head sizes that are multiples of 16. In
-bfloat16 the kernels compute in float32 and round where torch's bfloat16 kernels round, except inside the
-attention, whose weights stay float32 (the eager step rounds them to bfloat16 before the weighted sum).
+bfloat16 the kernels compute in float32 and round where torch's bfloat16 kernels round. The attention on a CPU
+with bfloat16 dot products (AVX512_BF16, `pairs_layout()`) rounds its queries and weights to bfloat16 as the eager
+step does and sums in float32 (`vdpbf16ps`: two products per lane and instruction, no widening); elsewhere
+it keeps them float32.
+
+The caches the attention reads are in the kernels' layout (`cache_keys`, `cache_values`): columns in blocks of
+KEY_BLOCK, keys transposed in each block (a block of scores reads one contiguous stretch), and in the pairs layout
+two neighbouring head dimensions (keys) or columns (values) side by side, as the bfloat16 dot products take them.
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ SOURCE = Path(__file__).with_name("decode_kernels.c")
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-_ELEMENTWISE = {
+_BY_DTYPE = {  # each kernel has a float32 version and a bfloat16 one (name_bf16)
     "lr_add_rms_norm": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _F32],
     "lr_silu_mul": [_PTR, _I64, _PTR, _I64, _PTR, _I64, _I64],
     "lr_rope": [_PTR, _I64, _PTR, _PTR, _PTR, _PTR] + [_I64] * 4,
     "lr_attend": [_PTR] * 10 + [_I64] * 9,
+    "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR],
 }
-SIGNATURES = {**_ELEMENTWISE, **{f"{name}_bf16": args for name, args in _ELEMENTWISE.items()},
-              "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR]}
+SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}}
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
 KEY_BLOCK = 32  # cache columns per block of keys (`cache_keys`)
 
@@ -286,13 +292,14 @@ def attend(q: Tensor, prompt_k: Tensor, prompt_v: Tensor, prompt_len: int, promp
 
 
 def sample(logits: Tensor, temperature: float, u: Tensor, banned: Tensor | None) -> tuple[Tensor, Tensor] | None:
-    """Tokens (n,) from softmax(logits / temperature) (n, V) with `banned` token ids' weights zeroed, the inverse
-    of each row's cumulative distribution at u (n, 1) float64 in (0, 1]; and their log-probs under the unbanned
-    distribution. None where some row has no weight left once the banned tokens are removed."""
+    """Tokens (n,) from softmax(logits / temperature) (n, V; float32 or bfloat16, read as float32) with `banned`
+    token ids' weights zeroed, the inverse of each row's cumulative distribution at u (n, 1) float64 in (0, 1];
+    and their log-probs under the unbanned distribution. None where some row has no weight left once the banned
+    tokens are removed."""
     _contiguous(logits, u)
     n, v = logits.shape
     banned = None if banned is None else banned.to(torch.int64).contiguous()
     tokens, logps = torch.empty(n, dtype=torch.int64), torch.empty(n)
-    kernels().lr_sample(_p(logits), n, v, temperature, _p(u), _p(banned), 0 if banned is None else banned.numel(),
-                        _p(tokens), _p(logps))
+    _variant("lr_sample", logits)(_p(logits), n, v, temperature, _p(u), _p(banned),
+                                  0 if banned is None else banned.numel(), _p(tokens), _p(logps))
     return None if bool((tokens < 0).any()) else (tokens, logps)

@@ -9,7 +9,8 @@
  * Tensors are float32, or bfloat16 where a function's name ends in _bf16 (the model's activations, the key/value
  * cache). bfloat16 values are widened to float32 on load, all arithmetic is float32, and results are rounded to
  * the nearest bfloat16 (ties to even) on store: the same roundings as torch's bfloat16 kernels where the eager
- * step rounds, fewer inside the attention (its weights stay float32). NaNs are not kept apart when rounding.
+ * step rounds; inside the attention, fewer (its queries and weights stay float32), or with AVX512_BF16 the same
+ * (`lr_attend_bf16` then uses the bfloat16 dot products). NaNs are not kept apart when rounding.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -515,77 +516,82 @@ ATTEND(lr_attend_bf16, uint16_t, 1)
  * a running float64 sum inside it the token (rounding may leave the block's end a hair below the target: then its
  * last token of weight > 0). logps[i]: the chosen token's log-prob under the unbanned distribution.
  * tokens[i] = -1 where the banned tokens held all but 1e-20 of the mass (exp8's floor at exp(-87) would then
- * distort what is left; the caller decides what to do). */
-void lr_sample(const float *logits, int64_t n, int64_t V, float temperature, const double *u,
-               const int64_t *banned, int64_t n_banned, int64_t *tokens, float *logps) {
-    const int64_t blocks = (V + BLOCK - 1) / BLOCK;
-#pragma omp parallel
-    {
-        float *e = malloc(sizeof(float) * V);
-        double *sums = malloc(sizeof(double) * blocks);
-#pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; ++i) {
-            const float *l = logits + i * V;
-            const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY,
-                             -INFINITY};
-            v8 tops = none;
-            int64_t j = 0;
-            for (; j + 8 <= V; j += 8) {  /* scaled logits into e, and their maximum (8 lanes, then across) */
-                v8 s = temperature == 1.0f ? load8(l + j) : load8(l + j) / temperature;
-                store8(e + j, s);
-                v8i up = s > tops;
-                tops = (v8)(((v8i)s & up) | ((v8i)tops & ~up));
-            }
-            float top = -INFINITY;
-            for (int k = 0; k < 8; ++k) top = tops[k] > top ? tops[k] : top;
-            for (; j < V; ++j) {
-                e[j] = temperature == 1.0f ? l[j] : l[j] / temperature;
-                top = e[j] > top ? e[j] : top;
-            }
-            j = 0;
-            for (; j + 8 <= V; j += 8) store8(e + j, exp8(load8(e + j) - top));
-            for (; j < V; ++j) e[j] = exp1(e[j] - top);
-            double dropped = 0.0;
-            for (int64_t b = 0; b < n_banned; ++b) {
-                dropped += e[banned[b]];
-                e[banned[b]] = 0.0f;
-            }
-            double kept = 0.0;
-            for (int64_t b = 0; b < blocks; ++b) {
-                const int64_t end = (b + 1) * BLOCK < V ? (b + 1) * BLOCK : V;
-                double lanes[4] = {0.0, 0.0, 0.0, 0.0};
-                int64_t c = b * BLOCK;
-                for (; c + 4 <= end; c += 4)
-                    for (int k = 0; k < 4; ++k) lanes[k] += (double)e[c + k];
-                double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
-                for (; c < end; ++c) sum += (double)e[c];
-                sums[b] = sum;
-                kept += sum;
-            }
-            if (!(kept > 1e-20 * (kept + dropped))) {  /* (nearly) all the mass was banned: exp(-87) floors */
-                tokens[i] = -1;
-                logps[i] = 0.0f;
-                continue;
-            }
-            const double target = u[i] * kept;
-            double before = 0.0;
-            int64_t b = 0;
-            while (b + 1 < blocks && before + sums[b] < target) before += sums[b++];
-            const int64_t end = (b + 1) * BLOCK < V ? (b + 1) * BLOCK : V;
-            int64_t pick = -1;
-            double run = before;
-            for (int64_t c = b * BLOCK; c < end; ++c) {
-                if (e[c] > 0.0f) pick = c;
-                run += (double)e[c];
-                if (run >= target && e[c] > 0.0f) break;
-            }
-            for (int64_t c = b * BLOCK - 1; pick < 0 && c >= 0; --c)  /* a last block left with no weight */
-                if (e[c] > 0.0f) pick = c;
-            tokens[i] = pick;
-            const float s = temperature == 1.0f ? l[pick] : l[pick] / temperature;
-            logps[i] = (float)((double)(s - top) - log(kept + dropped));
-        }
-        free(e);
-        free(sums);
+ * distort what is left; the caller decides what to do). Logits float32, or bfloat16 (`lr_sample_bf16`: widened on
+ * load, so the lm head's output is never copied to float32). */
+INLINE void sample_row(const void *logits, int64_t i, int64_t V, float temperature, const double *u,
+                       const int64_t *banned, int64_t n_banned, int64_t *tokens, float *logps, float *e, double *sums,
+                       const int bf) {
+    const int64_t blocks = (V + BLOCK - 1) / BLOCK, row = i * V;
+    const v8 none = {-INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY, -INFINITY};
+    v8 tops = none;
+    int64_t j = 0;
+    for (; j + 8 <= V; j += 8) {  /* scaled logits into e, and their maximum (8 lanes, then across) */
+        v8 s = temperature == 1.0f ? ld8(logits, row + j, bf) : ld8(logits, row + j, bf) / temperature;
+        store8(e + j, s);
+        v8i up = s > tops;
+        tops = (v8)(((v8i)s & up) | ((v8i)tops & ~up));
     }
+    float top = -INFINITY;
+    for (int k = 0; k < 8; ++k) top = tops[k] > top ? tops[k] : top;
+    for (; j < V; ++j) {
+        e[j] = temperature == 1.0f ? ld1(logits, row + j, bf) : ld1(logits, row + j, bf) / temperature;
+        top = e[j] > top ? e[j] : top;
+    }
+    j = 0;
+    for (; j + 8 <= V; j += 8) store8(e + j, exp8(load8(e + j) - top));
+    for (; j < V; ++j) e[j] = exp1(e[j] - top);
+    double dropped = 0.0;
+    for (int64_t b = 0; b < n_banned; ++b) {
+        dropped += e[banned[b]];
+        e[banned[b]] = 0.0f;
+    }
+    double kept = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) {
+        const int64_t end = (b + 1) * BLOCK < V ? (b + 1) * BLOCK : V;
+        double lanes[4] = {0.0, 0.0, 0.0, 0.0};
+        int64_t c = b * BLOCK;
+        for (; c + 4 <= end; c += 4)
+            for (int k = 0; k < 4; ++k) lanes[k] += (double)e[c + k];
+        double sum = (lanes[0] + lanes[1]) + (lanes[2] + lanes[3]);
+        for (; c < end; ++c) sum += (double)e[c];
+        sums[b] = sum;
+        kept += sum;
+    }
+    if (!(kept > 1e-20 * (kept + dropped))) {  /* (nearly) all the mass was banned: exp(-87) floors */
+        tokens[i] = -1;
+        logps[i] = 0.0f;
+        return;
+    }
+    const double target = u[i] * kept;
+    double before = 0.0;
+    int64_t b = 0;
+    while (b + 1 < blocks && before + sums[b] < target) before += sums[b++];
+    const int64_t end = (b + 1) * BLOCK < V ? (b + 1) * BLOCK : V;
+    int64_t pick = -1;
+    double run = before;
+    for (int64_t c = b * BLOCK; c < end; ++c) {
+        if (e[c] > 0.0f) pick = c;
+        run += (double)e[c];
+        if (run >= target && e[c] > 0.0f) break;
+    }
+    for (int64_t c = b * BLOCK - 1; pick < 0 && c >= 0; --c)  /* a last block left with no weight */
+        if (e[c] > 0.0f) pick = c;
+    tokens[i] = pick;
+    const float s = temperature == 1.0f ? ld1(logits, row + pick, bf) : ld1(logits, row + pick, bf) / temperature;
+    logps[i] = (float)((double)(s - top) - log(kept + dropped));
 }
+
+#define SAMPLE(NAME, T, BF)                                                                                       \
+    void NAME(const T *logits, int64_t n, int64_t V, float temperature, const double *u, const int64_t *banned,   \
+              int64_t n_banned, int64_t *tokens, float *logps) {                                                  \
+        _Pragma("omp parallel") {                                                                                 \
+            float *e = malloc(sizeof(float) * V);                                                                 \
+            double *sums = malloc(sizeof(double) * ((V + BLOCK - 1) / BLOCK));                                    \
+            _Pragma("omp for schedule(static)") for (int64_t i = 0; i < n; ++i)                                   \
+                sample_row(logits, i, V, temperature, u, banned, n_banned, tokens, logps, e, sums, BF);           \
+            free(e);                                                                                              \
+            free(sums);                                                                                           \
+        }                                                                                                         \
+    }
+SAMPLE(lr_sample, float, 0)
+SAMPLE(lr_sample_bf16, uint16_t, 1)

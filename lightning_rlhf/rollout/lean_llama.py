@@ -210,7 +210,8 @@ class LeanLlama:
         return self.logits(x[:, -1]), kvs
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
-        """One new token per cache row (tokens, positions (n,)) written at `column` -> logits (n, V).
+        """One new token per cache row (tokens, positions (n,)) written at `column` -> logits (n, V): float32, or
+        with `fused` in the model's dtype (the sampler reads bfloat16 logits as they are; `sample_tokens`).
 
         Attention is written out (scores, softmax in float32, weights back to the sampling dtype, times
         values, as transformers' eager attention does): two batched matmuls over the written columns of the
@@ -237,8 +238,10 @@ class LeanLlama:
 
     def _decode_fused(self, tokens: Tensor, positions: Tensor, cache: SharedPromptKVCache, column: int) -> Tensor:
         """`decode` through `cpu_kernels`: per layer, four projections (torch's) and four fused kernels. The
-        residual stream `x` is updated in place: each residual add rides on the next RMSNorm. The rotation and
-        the attention run in float32 for a bfloat16 model too (queries, scores and weights are never rounded)."""
+        residual stream `x` is updated in place: each residual add rides on the next RMSNorm. For a bfloat16 model
+        the rotation and the attention's sums run in float32 too; the queries and the attention weights stay
+        float32 as well, except with the CPU's bfloat16 dot products (`cpu_kernels.pairs_layout`), which round them
+        to bfloat16 first, as the eager step does."""
         n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
         cos, sin = self._rope_rows(positions)
         new = column - cache.prompt_width  # the column of the generated part
@@ -252,7 +255,7 @@ class LeanLlama:
             h = k.add_rms_norm(x, layer.o(out.view(n, -1)), layer.ln2, self.eps)
             gate, up = layer.gate_up(h)
             pending = layer.down(k.silu_mul(gate, up))
-        return self.lm_head(k.add_rms_norm(x, pending, self.norm, self.eps)).float()
+        return self.lm_head(k.add_rms_norm(x, pending, self.norm, self.eps))  # the model's dtype: see `decode`
 
     def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """float32 cos, signed sin (n, heads + kv_heads, hd) at one position per row: rows of a table made by the
@@ -277,7 +280,8 @@ class LeanLlama:
 
 
 class StaticKVCache:
-    """Keys (rows, Hkv, hd, columns: stored transposed) and values (rows, Hkv, columns, hd) of every layer,
+    """The eager decode's cache (`SharedPromptKVCache` is the fused kernels'). Keys (rows, Hkv, hd, columns: stored
+    transposed) and values (rows, Hkv, columns, hd) of every layer, each row with its own copy of its prompt's,
     allocated once. `bias` (rows, columns) is 0 where a row attends (its real prompt tokens and everything it
     generated) and -inf at its prompt's padding; None when no prompt has padding."""
 
@@ -315,10 +319,11 @@ class SharedPromptKVCache:
                  new_columns: int) -> None:
         prompts, p = prompt_mask.shape
         rows, device, self.prompt_width = prompts * repeat, prompt_mask.device, p
-        k_ = cpu_kernels
-        self.prompt = [(k_.cache_keys(k), k_.cache_values(v)) for k, v in prompt_kvs]
-        self.kv = [(k_.cache_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), new_columns),
-                    k_.cache_values(v.new_empty(rows, v.shape[1], 0, v.shape[3]), new_columns)) for k, v in prompt_kvs]
+        self.prompt = [(cpu_kernels.cache_keys(k), cpu_kernels.cache_values(v)) for k, v in prompt_kvs]
+        self.kv = []
+        for k, v in prompt_kvs:  # an empty (rows, Hkv, 0, hd) stands for "room for new_columns, nothing yet"
+            self.kv.append((cpu_kernels.cache_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), new_columns),
+                            cpu_kernels.cache_values(v.new_empty(rows, v.shape[1], 0, v.shape[3]), new_columns)))
         self.prompt_of_row = torch.arange(prompts, device=device).repeat_interleave(repeat)
         real = prompt_mask.bool()
         self.bias = None if bool(real.all()) else torch.zeros(real.shape, device=device).masked_fill(~real, -torch.inf)

@@ -57,23 +57,24 @@ def filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
 
 def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | None = None,
                   fused: bool = False) -> tuple[Tensor, Tensor]:
-    """(n, V) float32 logits -> (tokens (n,), their log-probs under softmax(logits / T)). `ban_eos` keeps eos
+    """(n, V) logits -> (tokens (n,), their log-probs under softmax(logits / T), in float32). `ban_eos` keeps eos
     from being sampled (min_new_tokens); the log-probs are of the unfiltered distribution. `u` (n, 1) in
     (0, 1]: the uniforms to use (keyed sampling); None draws them from torch's generator. `fused`: without
     top-k/top-p, on a CPU, draw with `cpu_kernels.sample` (the same inversion in one kernel: the same tokens but
-    where float rounding puts u at a boundary).
+    where float rounding puts u at a boundary; bfloat16 logits are read as they are, else made float32 first).
 
     Sampling inverts the cumulative distribution with one uniform number per row (`torch.multinomial` draws
     one exponential number per vocabulary entry: a quarter of the decode time of a 135M model on a CPU).
     Without top-k/top-p one softmax gives both the sampling weights (eos zeroed when banned; the inversion
     needs no normalising) and the log-probs (the log of the chosen tokens' probabilities)."""
     plain = not p.greedy and p.top_k == 0 and p.top_p >= 1.0
-    if plain and fused and logits.device.type == "cpu" and logits.dtype == torch.float32:
+    if plain and fused and logits.device.type == "cpu" and logits.dtype in cpu_kernels.DTYPES:
         u = 1.0 - torch.rand(logits.shape[0], 1, dtype=torch.float64) if u is None else u.to(torch.float64)
         eos = torch.as_tensor(p.eos_ids) if ban_eos else None
         drawn = cpu_kernels.sample(logits.contiguous(), p.temperature, u.contiguous(), eos)
         if drawn is not None:
             return drawn
+    logits = logits.float()
     scaled = logits if p.greedy or p.temperature == 1.0 else logits / p.temperature
     if plain:
         probs = scaled.softmax(dim=-1)
