@@ -56,17 +56,21 @@ def run(engine: str, model, **kw):
 
 
 @pytest.mark.parametrize("make", [llama, qwen2])
-@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("layout", ["packed", "stacked", "separate"])
 @pytest.mark.parametrize("fused", [False, None])  # None: the fused CPU kernels, where they build
-def test_greedy_fp32_gives_hf_generate_tokens(make, packed, fused, monkeypatch):
+def test_greedy_fp32_gives_hf_generate_tokens(make, layout, fused, monkeypatch):
     # packed: every projection in oneDNN's layout, q/k/v and gate/up as one stacked matmul each (what a large
-    # model gets where packing pays); otherwise separate matmuls on the parameters themselves
+    # model gets where packing pays); stacked: the same stacks unpacked (a small model); separate: one matmul per
+    # projection on the parameters themselves (a large model where packing does not pay)
+    packed = layout == "packed"
     if packed and not cpu_linear.onednn_available():
         pytest.skip("no oneDNN float32 linear here")
     monkeypatch.setattr(cpu_linear.PackedLinear, "pays", staticmethod(lambda like, rows, out_features=None: packed))
+    monkeypatch.setattr(lean_llama, "STACK_COPY_BYTES", 0 if layout == "separate" else 1 << 30)
     model = make()
     layer = lean_llama.LeanLlama.from_model(model).layers[0]
-    assert (len(layer.qkv.linears), len(layer.gate_up.linears)) == ((1, 1) if packed else (3, 2))
+    assert (len(layer.qkv.linears), len(layer.gate_up.linears)) == ((3, 2) if layout == "separate" else (1, 1))
+    assert layer.qkv.linears[0].packed == packed
     hf, fast = run("hf", model, greedy=True), run("static", model, greedy=True, engine_kwargs={"cpu_kernels": fused})
     assert torch.equal(hf.response_ids, fast.response_ids)
     assert torch.equal(hf.response_mask, fast.response_mask) and torch.equal(hf.truncated, fast.truncated)

@@ -71,16 +71,22 @@ def _linear(dtype: torch.dtype, module: torch.nn.Module, rows: int) -> PackedLin
     return PackedLinear(*_weights(dtype, module), rows)
 
 
+STACK_COPY_BYTES = 8 << 20  # unpacked weights of a `_Side` up to this size together are copied into one stack
+
+
 class _Side:
-    """Projections that read the same input (q, k, v; gate, up), called together -> their outputs. Where their
-    stacked weight gets oneDNN's layout (`PackedLinear.pays`: a copy is made then anyway), one matmul over the
-    stack; otherwise one call each, on the parameters themselves (no copy). Stacking a tiny model's unpacked
-    weights too was measured no faster (7.09 against 7.08 ms per decode step), so they are left as they are."""
+    """Projections that read the same input (q, k, v; gate, up), called together -> their outputs. One matmul over
+    their stacked weight where it gets oneDNN's layout (`PackedLinear.pays`: a copy is made then anyway) or is
+    small (STACK_COPY_BYTES: a small model's decode step is mostly per-call overhead, and one call instead of
+    three, and no cat of q and k, took a quarter off a tiny Llama's step: 1.9 against 2.6 ms, medians of five
+    alternating runs); otherwise one call each, on the parameters
+    themselves (no copy of a large model's weights)."""
 
     def __init__(self, dtype: torch.dtype, modules: list[torch.nn.Module], rows: int) -> None:
         parts = [_weights(dtype, m) for m in modules]
         self.sizes = [w.shape[0] for w, _ in parts]
-        if PackedLinear.pays(parts[0][0], rows, sum(self.sizes)):
+        small = sum(w.numel() * w.element_size() for w, _ in parts) <= STACK_COPY_BYTES
+        if small or PackedLinear.pays(parts[0][0], rows, sum(self.sizes)):
             biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]
             bias = None if all(b is None for _, b in parts) else torch.cat(biases)
             self.linears = [PackedLinear(torch.cat([w for w, _ in parts]), bias, rows)]
