@@ -77,10 +77,9 @@ STACK_COPY_BYTES = 8 << 20  # unpacked weights of a `_Side` up to this size toge
 class _Side:
     """Projections that read the same input (q, k, v; gate, up), called together -> their outputs. One matmul over
     their stacked weight where it gets oneDNN's layout (`PackedLinear.pays`: a copy is made then anyway) or is
-    small (STACK_COPY_BYTES: a small model's decode step is mostly per-call overhead, and one call instead of
-    three, and no cat of q and k, took a quarter off a tiny Llama's step: 1.9 against 2.6 ms, medians of five
-    alternating runs); otherwise one call each, on the parameters
-    themselves (no copy of a large model's weights)."""
+    small (STACK_COPY_BYTES: a small model's decode step is mostly per-call overhead; one call instead of three,
+    and no cat of q and k, took a quarter off a tiny Llama's step, 1.9 against 2.6 ms, medians of five
+    alternating runs); otherwise one call each, on the parameters themselves (no copy of a large model's)."""
 
     def __init__(self, dtype: torch.dtype, modules: list[torch.nn.Module], rows: int) -> None:
         parts = [_weights(dtype, m) for m in modules]
