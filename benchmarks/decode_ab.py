@@ -8,7 +8,8 @@ the same model (a missing `--model` directory: a random-init model of SmolLM2's 
 prompts (8 samples per prompt, 48 tokens, one prompt left-padded), and times 63 decode steps, alternating one
 step of each version. Alternating step by step is the point: this machine's speed drifts by 10% or more
 within minutes, which swamps a few percent when the two versions run one after the other. Prints the mean ms per step of each, their ratio, and the largest logit difference between
-them after the first and the eleventh step.
+them after the first and the eleventh step. Both versions call the working tree's `cpu_kernels`, whose functions
+changed in e0b6d64 (the shared-prompt cache): compare with an earlier revision under LIGHTNING_RLHF_KERNELS=0.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ def sample_tokens(logits: Tensor, p: SamplingParams, ban_eos: bool, u: Tensor | 
         drawn = cpu_kernels.sample(logits.contiguous(), p.temperature, u.contiguous(), eos)
         if drawn is not None:
             return drawn
-    logits = logits.float()
+    logits = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
     scaled = logits if p.greedy or p.temperature == 1.0 else logits / p.temperature
     if plain:
         probs = scaled.softmax(dim=-1)
@@ -141,8 +141,9 @@ class StaticCacheEngine(RolloutEngine):
         max_batch_size: rows per call (None: all); prompts are grouped by length across calls.
         dtype: sampling precision: float32, bfloat16, float16 or None (the model's own).
         compact_below: compact the cache once this share of its rows or fewer is still generating.
-        cpu_kernels: decode with the fused CPU kernels (`cpu_kernels.py`: a float32 model on a CPU, built once
-            with the system's C compiler). None (default): where they work; false: never; true: fail if they cannot.
+        cpu_kernels: decode with the fused CPU kernels (`cpu_kernels.py`: a float32 or bfloat16 model on a CPU,
+            built once with the system's C compiler). None (default): where they work; false: never; true: fail if
+            they cannot.
     """
 
     supports_keys = True
