@@ -11,8 +11,10 @@ Each pass goes through every layer's cache, as a decode step does. A version who
 row (before the prompt's keys and values were shared by its rows) gets each row's copy of its prompt's columns
 followed by its own; the newer kernel also writes the new token's key and value into the cache (which the
 older one left to `lr_rope_store`), so it is timed doing more. In bfloat16 on a CPU with bfloat16 dot products the
-newer kernel rounds the queries and weights to bfloat16 (as the eager step does), so the outputs differ by that. The two versions alternate pass by pass (this machine's speed drifts); prints the mean
-microseconds per call of each, the ratio and their largest difference.
+newer kernel rounds the queries and weights to bfloat16 (as the eager step does), so the outputs differ by that.
+The two versions alternate pass by pass (this machine's speed drifts); prints the mean microseconds per call of
+each, the ratio and their largest difference. `--base` is a revision before 06d1d1a (one cache per row) or from
+e0b6d64 on (the calling convention of today's kernel); those between had other cache layouts.
 """
 
 from __future__ import annotations

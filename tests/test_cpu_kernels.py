@@ -125,9 +125,11 @@ def _attend_new(q, pk, pv, plen, bias, of_row, k, v, width, strided: bool = Fals
     """K.attend with a new key and value (random) for column width - 1, checking they were written there."""
     n, kv, hd = q.shape[0], pk.shape[1], q.shape[2]
     new_k = torch.randn(n, kv, hd).to(v.dtype)
-    new_v = (torch.randn(n, 2 * kv * hd)[:, kv * hd:].view(n, kv, hd) if strided else torch.randn(n, kv, hd)).to(v.dtype)
+    new_v = torch.randn(n, 2 * kv * hd)[:, kv * hd:].view(n, kv, hd) if strided else torch.randn(n, kv, hd)
+    new_v = new_v.to(v.dtype)
     got = K.attend(q, pk, pv, plen, bias, of_row, k, v, new_k, new_v, width)
-    assert torch.equal(K.plain_keys(k)[:, :, width - 1], new_k) and torch.equal(K.plain_values(v)[:, :, width - 1], new_v)
+    assert torch.equal(K.plain_keys(k)[:, :, width - 1], new_k)
+    assert torch.equal(K.plain_values(v)[:, :, width - 1], new_v)
     return got
 
 

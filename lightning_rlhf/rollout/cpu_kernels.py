@@ -3,9 +3,9 @@
 On a CPU the eager decode step of a small model is many small torch kernels: an RMSNorm alone is seven, and
 the two batched attention matmuls of one new query per row run at a few GFLOP/s. `decode_kernels.c` does a
 residual add with the next RMSNorm, the rotary embedding, SiLU times the up projection, and a whole attention
-(the new key and value written into the cache, scores, softmax, weighted sum) in one pass each; `sample` draws the next tokens from the
-logits (softmax, banned tokens, the inverse of the cumulative distribution) in three passes over each row. The
-projections stay torch's (MKL or oneDNN).
+(the new key and value written into the cache, scores, softmax, weighted sum) in one pass each; `sample` draws
+the next tokens from the logits (softmax, banned tokens, the inverse of the cumulative distribution) in three
+passes over each row. The projections stay torch's (MKL or oneDNN).
 
 `kernels()` compiles the file with the system's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`,
 about a second) into `~/.cache/lightning_rlhf/kernels/` (or `$LIGHTNING_RLHF_KERNELS_DIR`), under a name that

@@ -320,8 +320,9 @@ static void softmax_row(float *s, int64_t width) {
  * are stored once per prompt and read by every row sampled from it (`prompt_of[row]`); each row's own are in
  * the generated part, of which the first `width` columns are attended.
  * q: (n, kv_heads, rep, hd) float32: the rep query heads that share a key/value head are adjacent;
- * pk: (prompts, kv_heads, pcols / KB, hd, KB), pcols >= plen, pv: (prompts, kv_heads, plen, hd); pbias: (prompts, plen) float32, 0 or -inf,
- * or NULL; gk: (n, kv_heads, cols / KB, hd, KB), gv: (n, kv_heads, cols, hd); new_k: (n, kv_heads, hd); new_v:
+ * pk: (prompts, kv_heads, pcols / KB, hd, KB), pv: (prompts, kv_heads, pcols, hd), pcols >= plen; pbias:
+ * (prompts, plen) float32, 0 or -inf, or NULL; gk: (n, kv_heads, cols / KB, hd, KB), gv: (n, kv_heads, cols, hd);
+ * new_k: (n, kv_heads, hd); new_v:
  * per row kv_heads vectors of hd values, rows `v_stride` apart; out: like q. The caches and out are float32,
  * or all bfloat16 (then the weights stay float32 and out is rounded once). hd must be a multiple of 16. Each
  * (row, kv head) reads its keys and values once for up to QB of its query heads at a time; the rows of a prompt
