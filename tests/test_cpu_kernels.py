@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_rlhf.rollout import cpu_kernels as K
+from lightning_rlhf.rollout import decode_step
 from lightning_rlhf.rollout.lean_llama import LeanLlama, SharedPromptKVCache, StaticKVCache
 
 needs_kernels = pytest.mark.skipif(K.kernels() is None, reason="no C compiler: the fused kernels cannot be built")
@@ -233,10 +234,11 @@ def _model_and_prompts(seed: int):
 
 
 @needs_kernels
-def test_the_fused_decode_step_gives_the_eager_logits():
-    model, ids, mask = _model_and_prompts(4)
+def test_the_fused_decode_step_gives_the_eager_logits(monkeypatch):
+    monkeypatch.setattr(decode_step, "SMALL_STEP_BYTES", 0)  # the per-operation kernels (tests/test_decode_step.py:
+    model, ids, mask = _model_and_prompts(4)                  # the one-call step of small models)
     eager, fused = (LeanLlama.from_model(model, rows=6, fused=f) for f in (False, True))
-    assert fused.fused and not eager.fused
+    assert fused.fused and not eager.fused and fused.step is None
     with torch.no_grad():
         _, kvs = eager.prefill(ids, mask)
         caches = [side.new_cache(kvs, mask, 3, 7) for side in (eager, fused)]

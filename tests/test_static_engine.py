@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lightning_rlhf.models import cpu_linear
 from lightning_rlhf.rollout import ROLLOUT_ENGINES, SamplingParams, sequence_logprobs
-from lightning_rlhf.rollout import lean_llama, static, teacher_forcing
+from lightning_rlhf.rollout import decode_step, lean_llama, static, teacher_forcing
 from lightning_rlhf.rollout.static import filter_logits, sample_tokens
 
 PAD, EOS = 0, 1
@@ -57,8 +57,11 @@ def run(engine: str, model, **kw):
 
 @pytest.mark.parametrize("make", [llama, qwen2])
 @pytest.mark.parametrize("layout", ["packed", "stacked", "separate"])
-@pytest.mark.parametrize("fused", [False, None])  # None: the fused CPU kernels, where they build
-def test_greedy_fp32_gives_hf_generate_tokens(make, layout, fused, monkeypatch):
+@pytest.mark.parametrize("fused", [False, None, "ops"])  # None: the fused CPU kernels where they build (for these
+def test_greedy_fp32_gives_hf_generate_tokens(make, layout, fused, monkeypatch):  # small models, the one-call step)
+    if fused == "ops":  # the per-operation fused kernels, as a larger model gets them
+        monkeypatch.setattr(decode_step, "SMALL_STEP_BYTES", 0)
+        fused = None
     # packed: every projection in oneDNN's layout, q/k/v and gate/up as one stacked matmul each (what a large
     # model gets where packing pays); stacked: the same stacks unpacked (a small model); separate: one matmul per
     # projection on the parameters themselves (a large model where packing does not pay)

@@ -7,9 +7,10 @@ residual add with the next RMSNorm, the rotary embedding, SiLU times the up proj
 the next tokens from the logits (softmax, banned tokens, the inverse of the cumulative distribution) in three
 passes over each row. The projections stay torch's (MKL or oneDNN).
 
-`kernels()` compiles the file with the system's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`,
+`decode_step.c` includes this file and adds `lr_decode_step`, a whole float32 decode step of a small model in one
+call (`decode_step.py`). `kernels()` compiles it, and so both files, with the system's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`,
 about a second) into `~/.cache/lightning_rlhf/kernels/` (or `$LIGHTNING_RLHF_KERNELS_DIR`), under a name that
-hashes the source, the flags and this CPU's feature flags, so a cache shared between machines never hands one
+hashes the sources, the flags and this CPU's feature flags, so a cache shared between machines never hands one
 a binary built for another. It returns None, and says why once, where there is no compiler or the build fails;
 the engine then decodes eagerly. `LIGHTNING_RLHF_KERNELS=0` turns them off, `=1` makes a failed build an error.
 
@@ -43,7 +44,8 @@ import torch
 from torch import Tensor
 
 log = logging.getLogger(__name__)
-SOURCE = Path(__file__).with_name("decode_kernels.c")
+SOURCE = Path(__file__).with_name("decode_kernels.c")  # the per-operation kernels
+STEP_SOURCE = SOURCE.with_name("decode_step.c")  # includes SOURCE: the file the build compiles
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -54,7 +56,8 @@ _BY_DTYPE = {  # each kernel has a float32 version and a bfloat16 one (name_bf16
     "lr_attend": [_PTR] * 10 + [_I64] * 9,
     "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR],
 }
-SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}}
+SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}, "lr_decode_step": [_PTR]}
+RETURNS_INT = ("lr_bf16_pairs", "lr_step_columns")  # kernels without arguments that return an int
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
 KEY_BLOCK = 32  # cache columns per block of keys (`cache_keys`)
 
@@ -79,15 +82,16 @@ def _cpu_flags() -> str:
 
 
 def library_path(compiler: str) -> Path:
-    """Where the build for this source, compiler, flags and CPU lives."""
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
-                                     _cpu_flags().encode()])).hexdigest()[:16]
+    """Where the build for these sources, compiler, flags and CPU lives."""
+    parts = [SOURCE.read_bytes(), STEP_SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
+             _cpu_flags().encode()]
+    key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "lightning_rlhf" / "kernels")
     return root / f"decode-{key}.so"
 
 
-def build(compiler: str, target: Path, source: Path = SOURCE) -> None:
-    """Compile `source` (default: the engine's kernels) with FLAGS into the shared library `target`."""
+def build(compiler: str, target: Path, source: Path = STEP_SOURCE) -> None:
+    """Compile `source` (default: the engine's kernels, both files) with FLAGS into the shared library `target`."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # built aside, then renamed: concurrent builds are safe
         out = Path(tmp) / target.name
@@ -114,6 +118,8 @@ def kernels() -> ctypes.CDLL | None:
         lib = ctypes.CDLL(str(target))
         for name, args in SIGNATURES.items():
             getattr(lib, name).argtypes, getattr(lib, name).restype = args, None
+        for name in RETURNS_INT:
+            getattr(lib, name).argtypes, getattr(lib, name).restype = [], ctypes.c_int
         return lib
     except (OSError, RuntimeError) as err:
         if forced:
@@ -174,10 +180,7 @@ def pairs_layout() -> bool:
     """Whether the kernels' bfloat16 attention uses this CPU's bfloat16 dot products (AVX512_BF16), and with them
     the "pairs" cache layout (see `cache_keys`, `cache_values`)."""
     lib = kernels()
-    if lib is None:
-        return False
-    lib.lr_bf16_pairs.argtypes, lib.lr_bf16_pairs.restype = [], ctypes.c_int
-    return bool(lib.lr_bf16_pairs())
+    return False if lib is None else bool(lib.lr_bf16_pairs())
 
 
 def _pairs(dtype: torch.dtype) -> bool:

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from lightning_rlhf.models.cpu_linear import PackedLinear
 from lightning_rlhf.models.lora import lora_parts, lora_unsupported_reason, unwrap_peft
-from lightning_rlhf.rollout import cpu_kernels
+from lightning_rlhf.rollout import cpu_kernels, decode_step
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -136,7 +136,10 @@ class LeanLlama:
         self.qk_scale[:self.heads] = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight.detach().to(dtype)
         self.norm = base.norm.weight.detach().to(dtype)
-        self.lm_head = _linear(dtype, model.get_output_embeddings(), rows)
+        self.step = self._small_step(model) if self.fused else None  # `_decode_fused` in one call, where it pays
+        if self.step is not None:  # the projections below serve the prefill only: one call, no weight reorder
+            self.rows = 0
+        self.lm_head = _linear(dtype, model.get_output_embeddings(), self.rows)
         self.layers = [self._layer(layer) for layer in base.layers]
 
     @classmethod
@@ -154,6 +157,23 @@ class LeanLlama:
                       _Side(dt, [att.q_proj, att.k_proj, att.v_proj], n), _linear(dt, att.o_proj, n),
                       layer.post_attention_layernorm.weight.detach().to(dt),
                       _Side(dt, [mlp.gate_proj, mlp.up_proj], n), _linear(dt, mlp.down_proj, n))
+
+    def _small_step(self, model: torch.nn.Module) -> decode_step.DecodeStep | None:
+        """The whole decode step as one kernel call (`decode_step.py`) for a small float32 model; else None."""
+        decoder, head = model.model.layers, model.get_output_embeddings()
+        size = 4 * (sum(p.numel() for p in decoder.parameters()) + head.weight.numel())
+        if not decode_step.pays(size, self.dtype, self.embed.device):
+            return None
+        layers = []
+        for layer in decoder:
+            att, mlp = layer.self_attn, layer.mlp
+            parts = {"q": att.q_proj, "k": att.k_proj, "v": att.v_proj, "o": att.o_proj, "gate": mlp.gate_proj,
+                     "up": mlp.up_proj, "down": mlp.down_proj}
+            norms = {"ln1": layer.input_layernorm.weight, "ln2": layer.post_attention_layernorm.weight}
+            layers.append({name: _weights(self.dtype, m) for name, m in parts.items()}
+                          | {name: w.detach().to(self.dtype) for name, w in norms.items()})
+        return decode_step.DecodeStep(layers, self.embed, self.norm, _weights(self.dtype, head), self.heads,
+                                      self.kv_heads, self.head_dim, self.eps)
 
     # ---- building blocks -------------------------------------------------------------------------
     def _rms(self, x: Tensor, weight: Tensor) -> Tensor:
@@ -246,9 +266,11 @@ class LeanLlama:
         residual stream `x` is updated in place: each residual add rides on the next RMSNorm. For a bfloat16 model
         the rotation and the attention's sums run in float32 too; the queries and the attention weights stay
         float32 as well, except with the CPU's bfloat16 dot products (`cpu_kernels.pairs_layout`), which round them
-        to bfloat16 first, as the eager step does."""
+        to bfloat16 first, as the eager step does. A small float32 model does all of it in one call (`self.step`)."""
         n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
         cos, sin = self._rope_rows(positions)
+        if self.step is not None:
+            return self.step(tokens, cos, sin, cache, column)
         new = column - cache.prompt_width  # the column of the generated part
         x, pending = F.embedding(tokens, self.embed), None
         for layer, (kc, vc), (pk, pv) in zip(self.layers, cache.kv, cache.prompt):
