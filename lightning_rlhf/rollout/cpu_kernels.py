@@ -8,10 +8,10 @@ the next tokens from the logits (softmax, banned tokens, the inverse of the cumu
 passes over each row. The projections stay torch's (MKL or oneDNN).
 
 `decode_step.c` includes this file and adds `lr_decode_step`, a whole float32 decode step of a small model in one
-call (`decode_step.py`). `kernels()` compiles it, and so both files, with the system's C compiler (`$CC`, else `cc`; `-O3 -march=native -fopenmp`,
-about a second) into `~/.cache/lightning_rlhf/kernels/` (or `$LIGHTNING_RLHF_KERNELS_DIR`), under a name that
-hashes the sources, the flags and this CPU's feature flags, so a cache shared between machines never hands one
-a binary built for another. It returns None, and says why once, where there is no compiler or the build fails;
+call (`decode_step.py`). `kernels()` compiles it, and so both files, with the system's C compiler (`$CC`, else
+`cc`; `-O3 -march=native -fopenmp`, about a second) into `~/.cache/lightning_rlhf/kernels/` (or
+`$LIGHTNING_RLHF_KERNELS_DIR`), under a name that hashes the sources, the flags and this CPU's feature flags, so a
+cache shared between machines never hands one a binary built for another. It returns None, and says why once, where there is no compiler or the build fails;
 the engine then decodes eagerly. `LIGHTNING_RLHF_KERNELS=0` turns them off, `=1` makes a failed build an error.
 
 The library links the OpenMP runtime that torch already loaded (same soname), so the kernels share torch's

@@ -125,7 +125,8 @@ void lr_decode_step(const Step *s) {
             gemm(s->act, F, y->down, y->down_bias, F, D, s->tmp, D, n);
         }
 #pragma omp for schedule(static)
-        for (int64_t i = 0; i < n; ++i) add_rms_norm_row(s->x, s->layers ? s->tmp : NULL, s->norm, s->h, i, D, s->eps, 0);
+        for (int64_t i = 0; i < n; ++i)
+            add_rms_norm_row(s->x, s->layers ? s->tmp : NULL, s->norm, s->h, i, D, s->eps, 0);
         gemm(s->h, D, s->head, s->head_bias, D, s->V, s->logits, s->V, n);
         free(scores);
     }
