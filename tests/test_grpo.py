@@ -247,9 +247,11 @@ def test_no_grad_forwards_take_logprob_micro_batch_size_rows_and_give_the_same_n
     monkeypatch.setattr(plan, "NO_GRAD_LOGITS", budget_rows * ro.response_ids.shape[1] * 512 + 511)
     seen = []
     real = rl_stage.sequence_logprobs
-    monkeypatch.setattr(rl_stage, "sequence_logprobs", lambda m, part, t: seen.append(len(part)) or real(m, part, t))
+    monkeypatch.setattr(rl_stage, "sequence_logprobs",
+                        lambda m, part, t: seen.append((len(part), part.group_size)) or real(m, part, t))
     ref = module.reference_logprobs(ro)
-    assert seen == sizes
+    # a chunk of whole groups (8 rows: both prompts' 4) keeps G = 4, so each prompt runs once; others run each row's
+    assert seen == [(n, 4 if n % 4 == 0 else 1) for n in sizes]
     with torch.no_grad():
         whole = sequence_logprobs(module.ref, ro, 1.0)
     torch.testing.assert_close(ref, whole, atol=1e-5, rtol=1e-5)

@@ -74,8 +74,10 @@ def test_groups_stay_together_when_the_batch_sizes_hold_whole_groups():
     ro.group_size = 4  # rows 4i .. 4i+3 answer prompt i
     torch.manual_seed(0)
     parts = list(micro_batches(ro, epochs=1, mini=8, micro=4, agg="token-mean"))
-    for p in parts:  # each micro-batch is one whole group, so its rows share one prompt forward
-        assert sorted((p.idx // 4).tolist()) == [int(p.idx[0]) // 4] * 4
+    for p in parts:  # each micro-batch is one whole group, in order, so its rows share one prompt forward
+        assert p.idx.tolist() == list(range(int(p.idx[0]), int(p.idx[0]) + 4)) and int(p.idx[0]) % 4 == 0
+        assert p.part.group_size == 4
     assert sorted(torch.cat([p.idx for p in parts]).tolist()) == list(range(16))
     mixed = list(micro_batches(ro, epochs=1, mini=8, micro=2, agg="token-mean"))  # 2 does not hold a group
     assert sorted(torch.cat([p.idx for p in mixed]).tolist()) == list(range(16))
+    assert all(p.part.group_size == 1 for p in mixed)

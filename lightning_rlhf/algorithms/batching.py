@@ -54,7 +54,7 @@ def micro_batches(ro: Rollout, epochs: int, mini: int, micro: int, agg: str,
             mb_tokens = mb_tokens.clamp(min=1) if token_norm is None else token_norm(mb_tokens)
             parts = mb_idx.split(micro)
             for j, idx in enumerate(parts):
-                part = ro.select(idx)
+                part = ro.select(idx, g if whole_groups else 1)  # whole groups: one prompt forward per group
                 tokens = part.response_mask.sum()
                 weight = tokens / mb_tokens if agg == "token-mean" else len(idx) / len(mb_idx)
                 end_mb = j == len(parts) - 1

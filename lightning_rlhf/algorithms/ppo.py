@@ -193,7 +193,7 @@ class PPO(RLStage):
         rewards, kl = token_level_rewards(scores, ro.logprobs, ro.logprobs if ref_logp is None else ref_logp,
                                           mask, self.kl_coef, self.loss_cfg.kl_kind)
         self.critic.eval()
-        old_values = torch.cat([response_values(self.critic, ro.select(i)) for i in self.no_grad_chunks(ro)])
+        old_values = torch.cat([response_values(self.critic, part) for part in self.no_grad_parts(ro)])
         self.critic.train()
         adv, returns = self.advantages(rewards, mask, ro.group_size, values=old_values)
         return {"rewards": rewards, "kl": kl, "old_values": old_values, "returns": returns, "advantages": adv}

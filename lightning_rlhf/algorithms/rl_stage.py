@@ -257,8 +257,8 @@ class RLStage(Stage):
         and train/old_logprob_diff = mean |sampling - recomputed| over real tokens; unchanged otherwise."""
         if not self.recompute_old_logprobs():
             return ro, {}
-        fresh = torch.cat([sequence_logprobs(self.policy, ro.select(i), self.rollout_cfg.temperature)
-                           for i in self.no_grad_chunks(ro)])
+        fresh = torch.cat([sequence_logprobs(self.policy, part, self.rollout_cfg.temperature)
+                           for part in self.no_grad_parts(ro)])
         diff = Means()
         diff.update("train/old_logprob_diff", (fresh - ro.logprobs).abs(), ro.response_mask)
         return replace(ro, logprobs=fresh), diff.compute()
@@ -266,19 +266,21 @@ class RLStage(Stage):
     @torch.no_grad()
     def reference_logprobs(self, ro: Rollout) -> Tensor | None:
         """Log-probs of the rollout under the frozen reference (LoRA: the policy with its adapters off),
-        `no_grad_chunks` at a time."""
+        `no_grad_parts` at a time."""
         if self.ref is None and not self.ref_is_base:
             return None
         model = self.policy if self.ref_is_base else self.ref
         with adapters_disabled(model), self.ref_weights_resident():
-            return torch.cat([sequence_logprobs(model, ro.select(i), self.rollout_cfg.temperature)
-                              for i in self.no_grad_chunks(ro)])
+            return torch.cat([sequence_logprobs(model, part, self.rollout_cfg.temperature)
+                              for part in self.no_grad_parts(ro)])
 
-    def no_grad_chunks(self, ro: Rollout) -> tuple[Tensor, ...]:
-        """Row indices of `ro` in chunks of `no_grad_rows` (optim.logprob_micro_batch_size, or by the size of the
-        logits), for the no-grad forwards."""
-        idx = torch.arange(len(ro), device=ro.response_ids.device)
-        return idx.split(no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size()))
+    def no_grad_parts(self, ro: Rollout) -> list[Rollout]:
+        """`ro` in consecutive chunks of `no_grad_rows` rows (optim.logprob_micro_batch_size, or by the size of the
+        logits), for the no-grad forwards; a chunk of whole groups keeps the group size, so each of its prompts
+        runs once (the broadcast path of `teacher_forcing._shared_prompt_logits`)."""
+        g, idx = ro.group_size, torch.arange(len(ro), device=ro.response_ids.device)
+        chunks = idx.split(no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size()))
+        return [ro.select(i, g if len(i) % g == 0 and int(i[0]) % g == 0 else 1) for i in chunks]
 
     def vocab_size(self) -> int | None:
         """The policy's vocabulary size (None when its config does not say)."""
