@@ -265,8 +265,7 @@ class RLStage(Stage):
 
     @torch.no_grad()
     def reference_logprobs(self, ro: Rollout) -> Tensor | None:
-        """Log-probs of the rollout under the frozen reference (LoRA: the policy with its adapters off),
-        `no_grad_parts` at a time."""
+        """Log-probs of the rollout under the frozen reference (LoRA: the policy, adapters off), by `no_grad_parts`."""
         if self.ref is None and not self.ref_is_base:
             return None
         model = self.policy if self.ref_is_base else self.ref
@@ -275,11 +274,10 @@ class RLStage(Stage):
                               for part in self.no_grad_parts(ro)])
 
     def no_grad_parts(self, ro: Rollout) -> list[Rollout]:
-        """`ro` in consecutive chunks of `no_grad_rows` rows (optim.logprob_micro_batch_size, or by the size of the
-        logits), for the no-grad forwards; a chunk of whole groups keeps the group size, so each of its prompts
-        runs once (the broadcast path of `teacher_forcing._shared_prompt_logits`)."""
-        g, idx = ro.group_size, torch.arange(len(ro), device=ro.response_ids.device)
-        chunks = idx.split(no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size()))
+        """`ro` in consecutive chunks of `no_grad_rows` rows for the no-grad forwards; a chunk of whole groups keeps
+        the group size, so each of its prompts runs once (`teacher_forcing._shared_prompt_logits`)."""
+        g, rows = ro.group_size, no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size())
+        chunks = torch.arange(len(ro), device=ro.response_ids.device).split(rows)
         return [ro.select(i, g if len(i) % g == 0 and int(i[0]) % g == 0 else 1) for i in chunks]
 
     def vocab_size(self) -> int | None:
