@@ -274,11 +274,11 @@ class RLStage(Stage):
                               for part in self.no_grad_parts(ro)])
 
     def no_grad_parts(self, ro: Rollout) -> list[Rollout]:
-        """`ro` in consecutive chunks of `no_grad_rows` rows for the no-grad forwards; a chunk of whole groups keeps
-        the group size, so each of its prompts runs once (`teacher_forcing._shared_prompt_logits`)."""
-        g, rows = ro.group_size, no_grad_rows(len(ro), self.optim_cfg, ro.response_ids.shape[1], self.vocab_size())
-        chunks = torch.arange(len(ro), device=ro.response_ids.device).split(rows)
-        return [ro.select(i, g if len(i) % g == 0 and int(i[0]) % g == 0 else 1) for i in chunks]
+        """`ro` in slices of `no_grad_rows` rows; one of whole groups keeps G, so each of its prompts runs once."""
+        n, g = len(ro), ro.group_size
+        rows = no_grad_rows(n, self.optim_cfg, ro.response_ids.shape[1], self.vocab_size())
+        return [ro.select(slice(s, s + rows), g if s % g == 0 and min(rows, n - s) % g == 0 else 1)
+                for s in range(0, n, rows)]
 
     def vocab_size(self) -> int | None:
         """The policy's vocabulary size (None when its config does not say)."""

@@ -63,11 +63,13 @@ def _padded(weight: Tensor, bias: Tensor | None, columns: int) -> tuple[Tensor, 
     return w, b
 
 
-def _stacked(parts: list[tuple[Tensor, Tensor | None]], columns: int) -> tuple[Tensor, Tensor | None]:
+def stack(parts: list[tuple[Tensor, Tensor | None]]) -> tuple[Tensor, Tensor | None]:
+    """(weight, bias) pairs of projections that read one input -> one projection: the weights stacked by rows,
+    the biases likewise (zeros for a missing one; None when all are missing)."""
     weight = torch.cat([w for w, _ in parts])
     if all(b is None for _, b in parts):
-        return _padded(weight, None, columns)
-    return _padded(weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]), columns)
+        return weight, None
+    return weight, torch.cat([b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts])
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -85,12 +87,11 @@ class DecodeStep:
         self.head = _padded(*head, columns)
         self.layers = (_Layer * len(layers))()
         for i, layer in enumerate(layers):
-            mats = {"qkv": _stacked([layer["q"], layer["k"], layer["v"]], columns), "o": _padded(*layer["o"], columns),
-                    "gate_up": _stacked([layer["gate"], layer["up"]], columns),
-                    "down": _padded(*layer["down"], columns)}
+            mats = {"qkv": stack([layer["q"], layer["k"], layer["v"]]), "o": layer["o"],
+                    "gate_up": stack([layer["gate"], layer["up"]]), "down": layer["down"]}
             tensors = {"ln1": layer["ln1"].contiguous(), "ln2": layer["ln2"].contiguous()}
             for name, (w, b) in mats.items():
-                tensors[name], tensors[f"{name}_bias"] = w, b
+                tensors[name], tensors[f"{name}_bias"] = _padded(w, b, columns)
             self.keep += tensors.values()
             for name in _LAYER_WEIGHTS:
                 setattr(self.layers[i], name, _ptr(tensors[name]))

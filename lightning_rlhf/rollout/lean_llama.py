@@ -86,9 +86,7 @@ class _Side:
         self.sizes = [w.shape[0] for w, _ in parts]
         small = sum(w.numel() * w.element_size() for w, _ in parts) <= STACK_COPY_BYTES
         if small or PackedLinear.pays(parts[0][0], rows, sum(self.sizes)):
-            biases = [b if b is not None else w.new_zeros(w.shape[0]) for w, b in parts]
-            bias = None if all(b is None for _, b in parts) else torch.cat(biases)
-            self.linears = [PackedLinear(torch.cat([w for w, _ in parts]), bias, rows)]
+            self.linears = [PackedLinear(*decode_step.stack(parts), rows)]
         else:
             self.linears = [PackedLinear(w, b, rows) for w, b in parts]
 
