@@ -118,7 +118,9 @@ def test_grpo_reference_is_base_kl_starts_at_zero_and_export_reloads(tiny_model_
 
     loader = DataLoader(PROMPTS * 3, batch_size=2, collate_fn=collate_rows)
     _trainer(tmp_path, 3, callbacks=[RecordKL()]).fit(module, train_dataloaders=loader)
-    assert len(kl) == 3 and kl[0] == 0.0 and kl[-1] > 0  # the first update starts at the reference
+    # the first update starts at the reference: KL 0 up to rounding (the no-grad reference pass of a small float32
+    # model runs through the one-call step kernel, whose sums differ from the training forward's by ~1e-7)
+    assert len(kl) == 3 and abs(kl[0]) < 1e-9 and kl[-1] > 1e-6
     with torch.no_grad():
         assert torch.equal(module.reference_logprobs(ro), base_logp)  # the reference did not move
         policy_logp = sequence_logprobs(module.policy, ro)

@@ -308,6 +308,7 @@ static void softmax_row(float *s, int64_t width) {
             float *s = scores + r * stride;                                                               \
             if (b)                                                                                        \
                 for (int64_t c = 0; c < plen; ++c) s[c] += b[c];                                          \
+            for (int64_t c = 0; c < hidden; ++c) s[plen + c] = -INFINITY;                                 \
             softmax_row(s, plen + width);                                                                 \
         }                                                                                                 \
         weighted_nr(values, p, widths, stride, hd, o, NR, bf);                                            \
@@ -328,12 +329,15 @@ static void softmax_row(float *s, int64_t width) {
  * (row, kv head) reads its keys and values once for up to QB of its query heads at a time; the rows of a prompt
  * are adjacent items, so after the first its prompt block comes from the cache, not from memory. pcols and cols
  * are multiples of KB. Key columns past the prompt and past `width` may hold anything: the score blocks run into
- * them, and those scores are overwritten (the prompt's, by the generated part's, computed after) or never read. */
+ * them, and those scores are overwritten (the prompt's, by the generated part's, computed after) or never read.
+ * `masked`: the first `masked` generated columns are not attended, but for the new token's own (a left-padded
+ * prompt run as generated tokens: its padding; 0 when decoding). */
 INLINE void attend_item(const float *q, const void *pk, const void *pv, const float *pbias, const int64_t *prompt_of,
                         int64_t plen, int64_t pcols, void *gk, void *gv, const void *new_k, const void *new_v,
                         int64_t v_stride, int64_t cols, int64_t width, void *out, int64_t item, int64_t kv_heads,
-                        int64_t rep, int64_t hd, float *scores, const int bf) {
+                        int64_t rep, int64_t hd, float *scores, int64_t masked, const int bf) {
     const int64_t stride = SCORE_STRIDE(pcols + cols), size = bf ? 2 : 4, col = width - 1;
+    const int64_t hidden = masked < col ? masked : col; /* leading generated columns not attended */
     const int64_t prompt = prompt_of[item / kv_heads] * kv_heads + item % kv_heads;
     char *key = (char *)gk + (item * hd * cols + col / KB * hd * KB + col % KB) * size;
     for (int64_t e = 0; e < hd; ++e) memcpy(key + e * KB * size, (const char *)new_k + (item * hd + e) * size, size);
@@ -365,7 +369,7 @@ INLINE void attend_item(const float *q, const void *pk, const void *pv, const fl
             float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(pcols + cols));                              \
             _Pragma("omp for schedule(static)") for (int64_t item = 0; item < n * kv_heads; ++item)               \
                 attend_item(q, pk, pv, pbias, prompt_of, plen, pcols, gk, gv, new_k, new_v, v_stride, cols,       \
-                            width, out, item, kv_heads, rep, hd, scores, BF);                                     \
+                            width, out, item, kv_heads, rep, hd, scores, 0, BF);                                \
             free(scores);                                                                                         \
         }                                                                                                         \
     }

@@ -85,12 +85,15 @@ typedef struct {
 /* The step's sizes, model, inputs and scratch (all float32, rows contiguous). x, tmp: (n, D); h: (n, D); qkv: (n,
  * (H + 2 Hk) hd), the stacked q, k, v projection; q: (n, H, hd); knew: (n, Hk, hd); att: (n, H hd); gu: (n, 2F),
  * gate then up; act: (n, F); logits: (n, V). cos_, sin_: (n, H + Hk, hd) as `lr_rope` takes them; tokens: (n,);
- * pbias, prompt_of, plen, pcols, cols, width: as `lr_attend` takes them. */
+ * pbias, prompt_of, plen, pcols, cols, width: as `lr_attend` takes them. T: tokens per cache row (n / T cache
+ * rows; row r of the inputs is cache row r / T's token at column width - 1 + r % T, which attends to the columns
+ * before it: a teacher-forced pass, or a prompt run as generated tokens); masked: NULL, or per cache row the
+ * leading generated columns it does not attend (`attend_item`'s `masked`). */
 typedef struct {
-    int64_t n, D, H, Hk, hd, F, V, layers, plen, pcols, cols, width;
+    int64_t n, D, H, Hk, hd, F, V, layers, plen, pcols, cols, width, T;
     float eps;
     const float *embed, *norm, *head, *head_bias, *pbias, *cos_, *sin_;
-    const int64_t *tokens, *prompt_of;
+    const int64_t *tokens, *prompt_of, *masked;
     float *x, *h, *qkv, *q, *knew, *att, *tmp, *gu, *act, *logits;
     const StepLayer *layer;
 } Step;
@@ -99,7 +102,8 @@ typedef struct {
  * `lr_rope`, `lr_attend` (which writes each new key and value into the cache) and `lr_silu_mul` do in
  * `LeanLlama._decode_fused`, phase after phase, each phase's rows or items shared out among the threads. */
 void lr_decode_step(const Step *s) {
-    const int64_t n = s->n, D = s->D, hd = s->hd, H = s->H, Hk = s->Hk, F = s->F, nqkv = (H + 2 * Hk) * hd;
+    const int64_t n = s->n, T = s->T, D = s->D, hd = s->hd, H = s->H, Hk = s->Hk, F = s->F;
+    const int64_t nqkv = (H + 2 * Hk) * hd;
 #pragma omp parallel
     {
         float *scores = malloc(sizeof(float) * QB * SCORE_STRIDE(s->pcols + s->cols));
@@ -113,9 +117,15 @@ void lr_decode_step(const Step *s) {
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; ++i) rope_row(s->qkv, nqkv, s->cos_, s->sin_, s->q, s->knew, i, H, Hk, hd, 0);
 #pragma omp for schedule(static)
-            for (int64_t item = 0; item < n * Hk; ++item)
-                attend_item(s->q, y->pk, y->pv, s->pbias, s->prompt_of, s->plen, s->pcols, y->gk, y->gv, s->knew,
-                            s->qkv + (H + Hk) * hd, nqkv, s->cols, s->width, s->att, item, Hk, H / Hk, hd, scores, 0);
+            for (int64_t item = 0; item < (n / T) * Hk; ++item) {
+                const int64_t i = item / Hk, h = item % Hk;  /* cache row i, kv head h: its T positions in order */
+                float *gk = y->gk + i * Hk * hd * s->cols, *gv = y->gv + i * Hk * hd * s->cols;
+                const int64_t masked = s->masked ? s->masked[i] : 0;
+                for (int64_t t = 0, r = i * T; t < T; ++t, ++r)
+                    attend_item(s->q + r * H * hd, y->pk, y->pv, s->pbias, s->prompt_of + i, s->plen, s->pcols, gk,
+                                gv, s->knew + r * Hk * hd, s->qkv + r * nqkv + (H + Hk) * hd, nqkv, s->cols,
+                                s->width + t, s->att + r * H * hd, h, Hk, H / Hk, hd, scores, masked, 0);
+            }
             gemm(s->att, H * hd, y->o, y->o_bias, H * hd, D, s->tmp, D, n);
 #pragma omp for schedule(static)
             for (int64_t i = 0; i < n; ++i) add_rms_norm_row(s->x, s->tmp, y->ln2, s->h, i, D, s->eps, 0);

@@ -38,10 +38,10 @@ class _Layer(ctypes.Structure):
 
 class _Step(ctypes.Structure):
     _fields_ = ([(name, _I) for name in ("n", "D", "H", "Hk", "hd", "F", "V", "layers", "plen", "pcols", "cols",
-                                         "width")]
+                                         "width", "T")]
                 + [("eps", ctypes.c_float)]
                 + [(name, _P) for name in ("embed", "norm", "head", "head_bias", "pbias", "cos_", "sin_", "tokens",
-                                           "prompt_of", *_SCRATCH, "logits", "layer")])
+                                           "prompt_of", "masked", *_SCRATCH, "logits", "layer")])
 
 
 def pays(weight_bytes: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -111,22 +111,32 @@ class DecodeStep:
                 setattr(self.step, name, t.data_ptr())
         return self._scratch[1]
 
-    def __call__(self, tokens: Tensor, cos: Tensor, sin: Tensor, cache, column: int) -> Tensor:
+    def __call__(self, tokens: Tensor, cos: Tensor, sin: Tensor, cache, column: int, steps: int = 1,
+                 masked: Tensor | None = None) -> Tensor:
         """Logits (n, V) float32 of one new token per row (tokens (n,) int64; cos, sin (n, heads + kv_heads, hd)
-        float32 as `LeanLlama._rope_rows` gives them) written at `column` of `cache` (a `SharedPromptKVCache`)."""
+        float32 as `LeanLlama._rope_rows` gives them) written at `column` of `cache` (a `SharedPromptKVCache`).
+        With `steps` > 1, `steps` consecutive tokens per cache row (rows i * steps ... (i + 1) * steps - 1 of tokens,
+        cos, sin and the logits are cache row i's, at columns column ... column + steps - 1), each attending to
+        the ones before it: a teacher-forced pass in one call. `masked` (cache rows,) int64: per cache row, how many
+        leading generated columns are not attended (but by their own token): a left-padded prompt's padding when
+        the prompt itself is run as generated tokens (`LeanLlama.prefill`)."""
         n = tokens.shape[0]
         pcols, cols = (cpu_kernels._cache_columns(*cache.prompt[0]), cpu_kernels._cache_columns(*cache.kv[0]))
         width = column - cache.prompt_width + 1
-        if not 1 <= width <= cols or tokens.dtype != torch.int64 or cos.dtype != torch.float32:
+        if (not 1 <= width <= cols - steps + 1 or n != steps * cache.prompt_of_row.shape[0]
+                or tokens.dtype != torch.int64 or cos.dtype != torch.float32):
             raise ValueError(f"decode step: column {column} is outside the cache's {cache.prompt_width} + {cols} "
                              f"columns, or tokens {tokens.dtype} / cos {cos.dtype} are not int64 / float32")
-        cpu_kernels._contiguous(tokens, cos, sin, cache.prompt_of_row, cache.bias)
+        if masked is not None and (masked.dtype != torch.int64 or masked.shape != cache.prompt_of_row.shape):
+            raise ValueError(f"decode step: masked must be int64 of shape {tuple(cache.prompt_of_row.shape)}, got "
+                             f"{masked.dtype} {tuple(masked.shape)}")
+        cpu_kernels._contiguous(tokens, cos, sin, cache.prompt_of_row, cache.bias, masked)
         self.scratch(n)
         logits = torch.empty(n, self.step.V)
         s = self.step
-        s.n, s.plen, s.pcols, s.cols, s.width = n, cache.prompt_width, pcols, cols, width
+        s.n, s.plen, s.pcols, s.cols, s.width, s.T = n, cache.prompt_width, pcols, cols, width, steps
         s.pbias, s.cos_, s.sin_, s.tokens = _ptr(cache.bias), cos.data_ptr(), sin.data_ptr(), tokens.data_ptr()
-        s.prompt_of, s.logits = cache.prompt_of_row.data_ptr(), logits.data_ptr()
+        s.prompt_of, s.masked, s.logits = cache.prompt_of_row.data_ptr(), _ptr(masked), logits.data_ptr()
         for layer, (pk, pv), (gk, gv) in zip(self.layers, cache.prompt, cache.kv):
             layer.pk, layer.pv, layer.gk, layer.gv = pk.data_ptr(), pv.data_ptr(), gk.data_ptr(), gv.data_ptr()
         cpu_kernels.kernels().lr_decode_step(ctypes.byref(s))

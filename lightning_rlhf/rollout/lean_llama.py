@@ -216,8 +216,12 @@ class LeanLlama:
 
     # ---- prefill and decode ------------------------------------------------------------------------
     def prefill(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Left-padded prompts (B, P) -> (last-position logits (B, V), per layer (k, v) (B, Hkv, P, hd))."""
+        """Left-padded prompts (B, P) -> (last-position logits (B, V), per layer (k, v) (B, Hkv, P, hd)). With the
+        one-call step (`self.step`), the prompts run through it as generated tokens, and the keys and values come
+        back already in the kernels' cache layout (a `CacheLayout` list, which `new_cache` takes as it is)."""
         p = ids.shape[1]
+        if self.step is not None and p > 0:
+            return self._prefill_step(ids, mask)
         real = mask.bool()
         causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
         own = torch.eye(p, dtype=torch.bool, device=ids.device)  # padded queries see themselves: no empty row
@@ -231,6 +235,17 @@ class LeanLlama:
             x = self._mlp_block(layer, x)
             kvs.append((k, v))
         return self.logits(x[:, -1]), kvs
+
+    def _prefill_step(self, ids: Tensor, mask: Tensor) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """`prefill` through the one-call step: each prompt's P tokens as P steps of a cache with no prompt part,
+        each prompt's left padding masked (a padding token attends to itself only, as in `prefill`)."""
+        b, p = ids.shape
+        empty = torch.empty(b, self.kv_heads, 0, self.head_dim, device=ids.device)
+        cache = SharedPromptKVCache([(empty, empty)] * len(self.layers), mask[:, :0], 1, p)
+        mask = mask.long()
+        cos, sin = self._rope_rows((mask.cumsum(-1) - 1).clamp(min=0).reshape(-1))
+        logits = self.step(ids.reshape(-1).contiguous(), cos, sin, cache, 0, steps=p, masked=(1 - mask).sum(1))
+        return logits.view(b, p, -1)[:, -1], CacheLayout(cache.kv)
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
         """One new token per cache row (tokens, positions (n,)) written at `column` -> logits (n, V): float32, or
@@ -333,6 +348,10 @@ class StaticKVCache:
         self.bias = None if self.bias is None else self.bias.index_select(0, rows)
 
 
+class CacheLayout(list):
+    """Per layer (keys, values) already in the kernels' cache layout (`prefill` through the one-call step)."""
+
+
 class SharedPromptKVCache:
     """The fused decode's cache. The prompt part: each prompt's keys and values (prompts, Hkv, P, hd) once, read
     by all the rows sampled from it (`prompt_of_row`); `bias` (prompts, P) is 0 at real prompt tokens and -inf at
@@ -344,11 +363,12 @@ class SharedPromptKVCache:
                  new_columns: int) -> None:
         prompts, p = prompt_mask.shape
         rows, device, self.prompt_width = prompts * repeat, prompt_mask.device, p
-        self.prompt = [(cpu_kernels.cache_keys(k), cpu_kernels.cache_values(v)) for k, v in prompt_kvs]
+        self.prompt = (list(prompt_kvs) if isinstance(prompt_kvs, CacheLayout)
+                       else [(cpu_kernels.cache_keys(k), cpu_kernels.cache_values(v)) for k, v in prompt_kvs])
         self.kv = []
-        for k, v in prompt_kvs:  # an empty (rows, Hkv, 0, hd) stands for "room for new_columns, nothing yet"
-            self.kv.append((cpu_kernels.cache_keys(k.new_empty(rows, k.shape[1], 0, k.shape[3]), new_columns),
-                            cpu_kernels.cache_values(v.new_empty(rows, v.shape[1], 0, v.shape[3]), new_columns)))
+        for _, v in prompt_kvs:  # an empty (rows, Hkv, 0, hd) stands for "room for new_columns, nothing yet"
+            empty = v.new_empty(rows, v.shape[1], 0, v.shape[3])
+            self.kv.append((cpu_kernels.cache_keys(empty, new_columns), cpu_kernels.cache_values(empty, new_columns)))
         self.prompt_of_row = torch.arange(prompts, device=device).repeat_interleave(repeat)
         real = prompt_mask.bool()
         self.bias = None if bool(real.all()) else torch.zeros(real.shape, device=device).masked_fill(~real, -torch.inf)

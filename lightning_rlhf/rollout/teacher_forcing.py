@@ -22,6 +22,7 @@ from transformers import cache_utils
 
 from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from lightning_rlhf.models.lora import unwrap_peft
+from lightning_rlhf.rollout import lean_scoring
 from lightning_rlhf.rollout.base import Rollout
 
 
@@ -124,7 +125,11 @@ def _sparse_tied_lookup(model: torch.nn.Module) -> Iterator[None]:
 
 def _response_logits(model: torch.nn.Module, rollout: Rollout) -> Tensor:
     """(N, T, V) raw logits at positions P-1 .. P+T-2, the ones that predict the T response tokens. A PEFT
-    (LoRA) model runs as its base model (adapters applied), whose forward takes logits_to_keep and a cache."""
+    (LoRA) model runs as its base model (adapters applied), whose forward takes logits_to_keep and a cache.
+    Without gradients, a small float32 model on a CPU runs through the one-call step kernel (`lean_scoring`)."""
+    lean = lean_scoring.response_logits(model, rollout)
+    if lean is not None:
+        return lean
     model = unwrap_peft(model)
     with _sparse_tied_lookup(model):
         return _plain_or_shared_logits(model, rollout)
