@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 from lightning_rlhf.rollout import Rollout, lean_scoring, sequence_logprobs
 from lightning_rlhf.rollout import cpu_kernels as K
+from lightning_rlhf.rollout import decode_step
 from lightning_rlhf.rollout.lean_llama import CacheLayout, LeanLlama
 from lightning_rlhf.rollout.teacher_forcing import _plain_or_shared_logits
 
@@ -45,16 +46,17 @@ def padded_prompts(rows: int, p: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 @needs_kernels
 @pytest.mark.parametrize("make", [qwen2, llama])
-def test_the_prefill_through_the_step_gives_the_module_prefill(make):
+def test_the_prefill_through_the_step_gives_the_module_prefill(make, monkeypatch):
     model = make()
     lean = LeanLlama.from_model(model)
-    assert lean.step is not None
+    with monkeypatch.context() as m:
+        m.setattr(decode_step, "SMALL_STEP_BYTES", 0)
+        ops = LeanLlama.from_model(model)  # the per-operation prefill
+    assert lean.step is not None and ops.step is None
     ids, mask = padded_prompts(4, 7)
     with torch.no_grad():
         logits, kvs = lean.prefill(ids, mask)
-        step, lean.step = lean.step, None  # the per-operation prefill of the same weights
-        want_logits, want_kvs = lean.prefill(ids, mask)
-        lean.step = step
+        want_logits, want_kvs = ops.prefill(ids, mask)
     assert isinstance(kvs, CacheLayout) and not isinstance(want_kvs, CacheLayout)
     assert (logits - want_logits).abs().max() < 1e-5
     real = mask.bool()[:, None, :, None]  # padding positions' keys and values are never attended

@@ -169,13 +169,15 @@ void lr_silu_mul_bf16(const uint16_t *g, int64_t g_stride, const uint16_t *u, in
  * qk: per row, heads + kv_heads vectors of hd values (queries, then keys), rows `qk_stride` values apart;
  * cos, sin: (n, heads + kv_heads, hd) float32, the signed sin (first half negated) as `LeanLlama.rope` makes
  * them, so that rotated = x * cos + roll(x, hd / 2) * sin. qk and k_out: float32, or both bfloat16 (the rotation
- * in float32, the keys rounded once as they are stored). */
-INLINE void rope_row(const void *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out,
-                     void *k_out, int64_t i, int64_t heads, int64_t kv_heads, int64_t hd, const int bf) {
+ * in float32, the keys rounded once as they are stored). Row i is rotated by row `at` of cos and sin: i itself
+ * (`rope_row`), or its position when cos and sin are tables by position (the one-call step's `pos`). */
+INLINE void rope_row_at(const void *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out,
+                        void *k_out, int64_t i, int64_t at, int64_t heads, int64_t kv_heads, int64_t hd,
+                        const int bf) {
     const int64_t half = hd / 2, all = heads + kv_heads;
     for (int64_t h = 0; h < all; ++h) {
         const int64_t x = i * qk_stride + h * hd;
-        const float *c = cos_ + (i * all + h) * hd, *s = sin_ + (i * all + h) * hd;
+        const float *c = cos_ + (at * all + h) * hd, *s = sin_ + (at * all + h) * hd;
         if (h < heads) {
             float *o = q_out + (i * heads + h) * hd;
             for (int64_t j = 0; j < half; ++j) o[j] = ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j + half, bf) * s[j];
@@ -188,6 +190,12 @@ INLINE void rope_row(const void *qk, int64_t qk_stride, const float *cos_, const
                 st1(k_out, k + j, ld1(qk, x + j, bf) * c[j] + ld1(qk, x + j - half, bf) * s[j], bf);
         }
     }
+}
+
+/* `rope_row_at` with cos and sin given per row. */
+INLINE void rope_row(const void *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out,
+                     void *k_out, int64_t i, int64_t heads, int64_t kv_heads, int64_t hd, const int bf) {
+    rope_row_at(qk, qk_stride, cos_, sin_, q_out, k_out, i, i, heads, kv_heads, hd, bf);
 }
 
 void lr_rope(const float *qk, int64_t qk_stride, const float *cos_, const float *sin_, float *q_out, float *k_out,

@@ -84,7 +84,8 @@ typedef struct {
 
 /* The step's sizes, model, inputs and scratch (all float32, rows contiguous). x, tmp: (n, D); h: (n, D); qkv: (n,
  * (H + 2 Hk) hd), the stacked q, k, v projection; q: (n, H, hd); knew: (n, Hk, hd); att: (n, H hd); gu: (n, 2F),
- * gate then up; act: (n, F); logits: (n, V). cos_, sin_: (n, H + Hk, hd) as `lr_rope` takes them; tokens: (n,);
+ * gate then up; act: (n, F); logits: (n, V). cos_, sin_: (n, H + Hk, hd) as `lr_rope` takes them, or with pos
+ * (n,) tables by position, row i rotated by their row pos[i]; tokens: (n,);
  * pbias, prompt_of, plen, pcols, cols, width: as `lr_attend` takes them. T: tokens per cache row (n / T cache
  * rows; row r of the inputs is cache row r / T's token at column width - 1 + r % T, which attends to the columns
  * before it: a teacher-forced pass, or a prompt run as generated tokens); masked: NULL, or per cache row the
@@ -93,7 +94,7 @@ typedef struct {
     int64_t n, D, H, Hk, hd, F, V, layers, plen, pcols, cols, width, T;
     float eps;
     const float *embed, *norm, *head, *head_bias, *pbias, *cos_, *sin_;
-    const int64_t *tokens, *prompt_of, *masked;
+    const int64_t *tokens, *prompt_of, *masked, *pos;
     float *x, *h, *qkv, *q, *knew, *att, *tmp, *gu, *act, *logits;
     const StepLayer *layer;
 } Step;
@@ -115,7 +116,8 @@ void lr_decode_step(const Step *s) {
             for (int64_t i = 0; i < n; ++i) add_rms_norm_row(s->x, l ? s->tmp : NULL, y->ln1, s->h, i, D, s->eps, 0);
             gemm(s->h, D, y->qkv, y->qkv_bias, D, nqkv, s->qkv, nqkv, n);
 #pragma omp for schedule(static)
-            for (int64_t i = 0; i < n; ++i) rope_row(s->qkv, nqkv, s->cos_, s->sin_, s->q, s->knew, i, H, Hk, hd, 0);
+            for (int64_t i = 0; i < n; ++i)
+                rope_row_at(s->qkv, nqkv, s->cos_, s->sin_, s->q, s->knew, i, s->pos ? s->pos[i] : i, H, Hk, hd, 0);
 #pragma omp for schedule(static)
             for (int64_t item = 0; item < (n / T) * Hk; ++item) {
                 const int64_t i = item / Hk, h = item % Hk;  /* cache row i, kv head h: its T positions in order */

@@ -41,7 +41,7 @@ class _Step(ctypes.Structure):
                                          "width", "T")]
                 + [("eps", ctypes.c_float)]
                 + [(name, _P) for name in ("embed", "norm", "head", "head_bias", "pbias", "cos_", "sin_", "tokens",
-                                           "prompt_of", "masked", *_SCRATCH, "logits", "layer")])
+                                           "prompt_of", "masked", "pos", *_SCRATCH, "logits", "layer")])
 
 
 def pays(weight_bytes: int, dtype: torch.dtype, device: torch.device) -> bool:
@@ -51,15 +51,21 @@ def pays(weight_bytes: int, dtype: torch.dtype, device: torch.device) -> bool:
             and cpu_kernels.kernels() is not None)
 
 
-def _padded(weight: Tensor, bias: Tensor | None, columns: int) -> tuple[Tensor, Tensor | None]:
-    """(out, in) weight -> (in, out rounded up to `columns`) float32, zero in the extra columns; bias likewise."""
-    out = -(-weight.shape[0] // columns) * columns
-    w = weight.new_zeros(weight.shape[1], out, dtype=torch.float32)
-    w[:, :weight.shape[0]] = weight.t()
-    if bias is None:
-        return w, None
-    b = bias.new_zeros(out, dtype=torch.float32)
-    b[:bias.shape[0]] = bias
+def _padded(parts: list[tuple[Tensor, Tensor | None]], columns: int) -> tuple[Tensor, Tensor | None]:
+    """(weight (out, in), bias) pairs of projections that read one input -> their weights stacked and transposed,
+    (in, sum of outs rounded up to `columns`) float32, each written straight into place (no stacked copy first),
+    zero in the extra columns; the biases likewise (zeros for a missing one; None when all are missing)."""
+    real = sum(w.shape[0] for w, _ in parts)
+    out = -(-real // columns) * columns
+    w = parts[0][0].new_empty(parts[0][0].shape[1], out, dtype=torch.float32)
+    w[:, real:] = 0
+    b = None if all(bias is None for _, bias in parts) else w.new_zeros(out)
+    start = 0
+    for weight, bias in parts:
+        w[:, start:start + weight.shape[0]] = weight.t()
+        if bias is not None:
+            b[start:start + weight.shape[0]] = bias
+        start += weight.shape[0]
     return w, b
 
 
@@ -84,14 +90,14 @@ class DecodeStep:
                  heads: int, kv_heads: int, head_dim: int, eps: float) -> None:
         columns = cpu_kernels.kernels().lr_step_columns()
         self.keep: list[Tensor | None] = [embed.contiguous(), norm.contiguous()]  # alive as long as the pointers
-        self.head = _padded(*head, columns)
+        self.head = _padded([head], columns)
         self.layers = (_Layer * len(layers))()
         for i, layer in enumerate(layers):
-            mats = {"qkv": stack([layer["q"], layer["k"], layer["v"]]), "o": layer["o"],
-                    "gate_up": stack([layer["gate"], layer["up"]]), "down": layer["down"]}
+            mats = {"qkv": [layer["q"], layer["k"], layer["v"]], "o": [layer["o"]],
+                    "gate_up": [layer["gate"], layer["up"]], "down": [layer["down"]]}
             tensors = {"ln1": layer["ln1"].contiguous(), "ln2": layer["ln2"].contiguous()}
-            for name, (w, b) in mats.items():
-                tensors[name], tensors[f"{name}_bias"] = _padded(w, b, columns)
+            for name, parts in mats.items():
+                tensors[name], tensors[f"{name}_bias"] = _padded(parts, columns)
             self.keep += tensors.values()
             for name in _LAYER_WEIGHTS:
                 setattr(self.layers[i], name, _ptr(tensors[name]))
@@ -112,14 +118,16 @@ class DecodeStep:
         return self._scratch[1]
 
     def __call__(self, tokens: Tensor, cos: Tensor, sin: Tensor, cache, column: int, steps: int = 1,
-                 masked: Tensor | None = None) -> Tensor:
+                 masked: Tensor | None = None, positions: Tensor | None = None) -> Tensor:
         """Logits (n, V) float32 of one new token per row (tokens (n,) int64; cos, sin (n, heads + kv_heads, hd)
         float32 as `LeanLlama._rope_rows` gives them) written at `column` of `cache` (a `SharedPromptKVCache`).
         With `steps` > 1, `steps` consecutive tokens per cache row (rows i * steps ... (i + 1) * steps - 1 of tokens,
         cos, sin and the logits are cache row i's, at columns column ... column + steps - 1), each attending to
         the ones before it: a teacher-forced pass in one call. `masked` (cache rows,) int64: per cache row, how many
         leading generated columns are not attended (but by their own token): a left-padded prompt's padding when
-        the prompt itself is run as generated tokens (`LeanLlama.prefill`)."""
+        the prompt itself is run as generated tokens (`LeanLlama.prefill`). `positions` (n,) int64: cos and sin are
+        tables by position (`LeanLlama.rope_table`), row i rotated by their row positions[i]; the caller makes the
+        tables long enough (a token's position is at most its cache column)."""
         n = tokens.shape[0]
         pcols, cols = (cpu_kernels._cache_columns(*cache.prompt[0]), cpu_kernels._cache_columns(*cache.kv[0]))
         width = column - cache.prompt_width + 1
@@ -130,13 +138,19 @@ class DecodeStep:
         if masked is not None and (masked.dtype != torch.int64 or masked.shape != cache.prompt_of_row.shape):
             raise ValueError(f"decode step: masked must be int64 of shape {tuple(cache.prompt_of_row.shape)}, got "
                              f"{masked.dtype} {tuple(masked.shape)}")
-        cpu_kernels._contiguous(tokens, cos, sin, cache.prompt_of_row, cache.bias, masked)
+        if positions is not None and (positions.dtype != torch.int64 or positions.shape != tokens.shape
+                                      or cos.shape[0] < column + steps):
+            raise ValueError(f"decode step: positions must be int64 of shape {tuple(tokens.shape)} into rope tables "
+                             f"of at least {column + steps} positions, got {positions.dtype} "
+                             f"{tuple(positions.shape)} and {cos.shape[0]}")
+        cpu_kernels._contiguous(tokens, cos, sin, cache.prompt_of_row, cache.bias, masked, positions)
         self.scratch(n)
         logits = torch.empty(n, self.step.V)
         s = self.step
         s.n, s.plen, s.pcols, s.cols, s.width, s.T = n, cache.prompt_width, pcols, cols, width, steps
         s.pbias, s.cos_, s.sin_, s.tokens = _ptr(cache.bias), cos.data_ptr(), sin.data_ptr(), tokens.data_ptr()
-        s.prompt_of, s.masked, s.logits = cache.prompt_of_row.data_ptr(), _ptr(masked), logits.data_ptr()
+        s.prompt_of, s.masked, s.pos = cache.prompt_of_row.data_ptr(), _ptr(masked), _ptr(positions)
+        s.logits = logits.data_ptr()
         for layer, (pk, pv), (gk, gv) in zip(self.layers, cache.prompt, cache.kv):
             layer.pk, layer.pv, layer.gk, layer.gv = pk.data_ptr(), pv.data_ptr(), gk.data_ptr(), gv.data_ptr()
         cpu_kernels.kernels().lr_decode_step(ctypes.byref(s))

@@ -128,17 +128,18 @@ class LeanLlama:
                              "to use them where they work")
         self.fused = usable
         self.rotary = base.rotary_emb
-        self._rope_table: tuple[Tensor, Tensor] | None = None  # float32 cos, signed sin by position (`_rope_rows`)
+        self._rope_table: tuple[Tensor, Tensor] | None = None  # float32 cos, signed sin by position (`rope_table`)
         # the attention scale, folded into the query heads' rotation (`rope`): (heads + kv_heads, 1, 1)
         self.qk_scale = torch.ones(self.heads + self.kv_heads, 1, 1, device=device)
         self.qk_scale[:self.heads] = self.head_dim**-0.5
         self.embed = base.embed_tokens.weight.detach().to(dtype)
         self.norm = base.norm.weight.detach().to(dtype)
         self.step = self._small_step(model) if self.fused else None  # `_decode_fused` in one call, where it pays
-        if self.step is not None:  # the projections below serve the prefill only: one call, no weight reorder
-            self.rows = 0
-        self.lm_head = _linear(dtype, model.get_output_embeddings(), self.rows)
-        self.layers = [self._layer(layer) for layer in base.layers]
+        self.lm_head, self.layers = None, []  # with the one-call step, prefill and decode need no projections
+        if self.step is None:
+            self.lm_head = _linear(dtype, model.get_output_embeddings(), self.rows)
+            self.layers = [self._layer(layer) for layer in base.layers]
+        self.num_layers = len(base.layers)
 
     @classmethod
     def from_model(cls, model: torch.nn.Module, dtype: torch.dtype | None = None, rows: int = 1,
@@ -220,7 +221,9 @@ class LeanLlama:
         one-call step (`self.step`), the prompts run through it as generated tokens, and the keys and values come
         back already in the kernels' cache layout (a `CacheLayout` list, which `new_cache` takes as it is)."""
         p = ids.shape[1]
-        if self.step is not None and p > 0:
+        if self.step is not None:
+            if p == 0:
+                raise ValueError("prefill: the prompts have no tokens (at least one is needed)")
             return self._prefill_step(ids, mask)
         real = mask.bool()
         causal = torch.ones(p, p, dtype=torch.bool, device=ids.device).tril()
@@ -241,10 +244,10 @@ class LeanLlama:
         each prompt's left padding masked (a padding token attends to itself only, as in `prefill`)."""
         b, p = ids.shape
         empty = torch.empty(b, self.kv_heads, 0, self.head_dim, device=ids.device)
-        cache = SharedPromptKVCache([(empty, empty)] * len(self.layers), mask[:, :0], 1, p)
+        cache = SharedPromptKVCache([(empty, empty)] * self.num_layers, mask[:, :0], 1, p)
         mask = mask.long()
-        cos, sin = self._rope_rows((mask.cumsum(-1) - 1).clamp(min=0).reshape(-1))
-        logits = self.step(ids.reshape(-1).contiguous(), cos, sin, cache, 0, steps=p, masked=(1 - mask).sum(1))
+        positions = (mask.cumsum(-1) - 1).clamp(min=0).reshape(-1)
+        logits = self.run_step(ids.reshape(-1).contiguous(), positions, cache, 0, steps=p, masked=(1 - mask).sum(1))
         return logits.view(b, p, -1)[:, -1], CacheLayout(cache.kv)
 
     def decode(self, tokens: Tensor, positions: Tensor, cache: StaticKVCache, column: int) -> Tensor:
@@ -281,9 +284,9 @@ class LeanLlama:
         float32 as well, except with the CPU's bfloat16 dot products (`cpu_kernels.pairs_layout`), which round them
         to bfloat16 first, as the eager step does. A small float32 model does all of it in one call (`self.step`)."""
         n, hd, k = tokens.shape[0], self.head_dim, cpu_kernels
-        cos, sin = self._rope_rows(positions)
         if self.step is not None:
-            return self.step(tokens, cos, sin, cache, column)
+            return self.run_step(tokens, positions, cache, column)
+        cos, sin = self._rope_rows(positions)
         new = column - cache.prompt_width  # the column of the generated part
         x, pending = F.embedding(tokens, self.embed), None
         for layer, (kc, vc), (pk, pv) in zip(self.layers, cache.kv, cache.prompt):
@@ -297,18 +300,36 @@ class LeanLlama:
             pending = layer.down(k.silu_mul(gate, up))
         return self.lm_head(k.add_rms_norm(x, pending, self.norm, self.eps))  # the model's dtype: see `decode`
 
-    def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """float32 cos, signed sin (n, heads + kv_heads, hd) at one position per row: rows of a table made by the
-        rotary module once for every position up to the largest asked (twice that, when it grows), where its
-        values do not depend on the sequence length (not for "dynamic" RoPE scaling, which is computed each step)."""
+    def run_step(self, tokens: Tensor, positions: Tensor, cache: SharedPromptKVCache, column: int, steps: int = 1,
+                 masked: Tensor | None = None) -> Tensor:
+        """`self.step` (the one-call step) at these positions: reading the rotation tables by position, so that no
+        per-row copy of them is made (a position is at most its cache column, so tables up to the last column
+        cover every row)."""
+        table = self.rope_table(column + steps)
+        if table is None:
+            cos, sin = self._rope_rows(positions)
+            return self.step(tokens, cos, sin, cache, column, steps=steps, masked=masked)
+        return self.step(tokens, *table, cache, column, steps=steps, masked=masked, positions=positions)
+
+    def rope_table(self, top: int) -> tuple[Tensor, Tensor] | None:
+        """float32 cos, signed sin (positions, heads + kv_heads, hd) for at least the positions below `top`, made by
+        the rotary module once for every position up to twice the largest asked; None for "dynamic" and
+        "longrope" RoPE scaling, whose values depend on the sequence length (computed each step instead)."""
         if getattr(self.rotary, "rope_type", "default") in ("dynamic", "longrope"):
+            return None
+        if self._rope_table is None or self._rope_table[0].shape[0] < top:
+            cos, sin = self.rope(torch.arange(2 * top, device=self.embed.device)[None], torch.float32)
+            self._rope_table = (cos[0].transpose(0, 1).contiguous(), sin[0].transpose(0, 1).contiguous())
+        return self._rope_table
+
+    def _rope_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """float32 cos, signed sin (n, heads + kv_heads, hd) at one position per row: rows of `rope_table`, or
+        computed for these positions where there is none."""
+        table = self.rope_table(int(positions.max()) + 1)
+        if table is None:
             cos, sin = self.rope(positions[:, None], torch.float32)
             return cos.flatten(1, 2), sin.flatten(1, 2)
-        top = int(positions.max()) + 1
-        if self._rope_table is None or self._rope_table[0].shape[0] < top:
-            cos, sin = self.rope(torch.arange(2 * top, device=positions.device)[None], torch.float32)
-            self._rope_table = (cos[0].transpose(0, 1).contiguous(), sin[0].transpose(0, 1).contiguous())
-        return self._rope_table[0][positions], self._rope_table[1][positions]
+        return table[0][positions], table[1][positions]
 
     def new_cache(self, prompt_kvs: list[tuple[Tensor, Tensor]], prompt_mask: Tensor, repeat: int,
                   new_columns: int) -> StaticKVCache | SharedPromptKVCache:

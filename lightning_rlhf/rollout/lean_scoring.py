@@ -78,5 +78,5 @@ def response_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
     _, kvs = lean.prefill(ids, mask)
     cache = lean.new_cache(kvs, mask, g, t)
     tokens = torch.cat([ro.prompt_ids[:, -1:], ro.response_ids[:, :-1]], dim=1).reshape(-1).contiguous()
-    cos, sin = lean._rope_rows(ro.position_ids[:, p - 1 : p + t - 1].reshape(-1))
-    return lean.step(tokens, cos, sin, cache, p - 1, steps=t).view(n, t, -1)
+    positions = ro.position_ids[:, p - 1 : p + t - 1].reshape(-1).contiguous()
+    return lean.run_step(tokens, positions, cache, p - 1, steps=t).view(n, t, -1)

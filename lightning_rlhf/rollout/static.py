@@ -216,17 +216,23 @@ class StaticCacheEngine(RolloutEngine):
         u = None if rkeys is None else keyed_uniform(rkeys, 0)
         nxt, lp = sample_tokens(logits.repeat_interleave(g, dim=0), p, ban_eos=p.min_new_tokens > 0, u=u,
                                 fused=lean.fused)
-        done = torch.zeros(n, dtype=torch.bool, device=ids.device)
+        done, finished, compacted = torch.zeros(n, dtype=torch.bool, device=ids.device), 0, False
         for t in range(steps):
-            nxt = torch.where(done, p.pad_token_id, nxt)  # rows finished but not yet compacted away
-            tokens[rows, t], logprobs[rows, t] = nxt, torch.where(done, 0.0, lp)
+            if finished:  # rows finished but not yet compacted away
+                nxt, lp = torch.where(done, p.pad_token_id, nxt), torch.where(done, 0.0, lp)
+            if compacted:
+                tokens[rows, t], logprobs[rows, t] = nxt, lp
+            else:  # every row still in place: plain column copies
+                tokens[:, t], logprobs[:, t] = nxt, lp
             done = done | torch.isin(nxt, eos)
-            if t == steps - 1 or bool(done.all()):
+            finished = int(done.sum())  # the loop's one read of the rows' state per token
+            if t == steps - 1 or finished == len(done):
                 break
-            if float(done.float().mean()) >= 1.0 - self.compact_below:
+            if finished >= (1.0 - self.compact_below) * len(done):
                 keep = (~done).nonzero()[:, 0]
                 cache.keep(keep)
                 rows, position, nxt, done = rows[keep], position[keep], nxt[keep], done[keep]
+                finished, compacted = 0, True
             logits = lean.decode(nxt, position, cache, width + t)
             position = position + 1
             u = None if rkeys is None else keyed_uniform(rkeys[rows], t + 1)
