@@ -101,6 +101,8 @@ def test_the_one_call_teacher_forced_pass_gives_the_module_logits(make, g, same)
 def test_the_one_call_pass_is_taken_only_without_grad_for_small_float32_models():
     model, ro = llama(), rollout(2)
     assert lean_scoring.response_logits(model, ro) is None  # gradients on: the module path
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lean_scoring.response_logits(model, ro) is None  # the module path computes in bfloat16 there
     with torch.no_grad():
         assert lean_scoring.response_logits(model.to(torch.bfloat16), ro) is None
         model.float()

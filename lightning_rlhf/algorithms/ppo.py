@@ -43,7 +43,7 @@ from lightning_rlhf.functional import (
     adaptive_kl_coef, masked_sum, masked_whiten_all, token_level_rewards, value_loss,
 )
 from lightning_rlhf.models import apply_lora, load_critic, looks_local, token_values
-from lightning_rlhf.rollout import Rollout
+from lightning_rlhf.rollout import Rollout, use_fused_training_ops
 
 CRITIC_INITS = ("reward_model", "policy")
 RM_HINT = "train one with `python -m lightning_rlhf fit --config recipes/reward_model/tiny_arithmetic.yaml`"
@@ -118,7 +118,7 @@ class PPO(RLStage):
         self.score_clip, self.score_norm = score_clip, score_norm
         self.critic_source = self._critic_source()
         critic = apply_lora(load_critic(self.critic_source, dtype=self.model_dtype), self.lora_cfg, "token_cls")
-        self.critic = disable_dropout(critic).train()  # with `lora`: adapters + a trainable value head
+        self.critic = use_fused_training_ops(disable_dropout(critic).train())  # with `lora`: + a value head
         self.model_sources["critic"] = source_record("critic", self.critic_source, self.model_dtype,
                                                      tokenizer=self.policy_source)
         vocab = [m.config.get_text_config().vocab_size for m in (self.policy, self.critic)]

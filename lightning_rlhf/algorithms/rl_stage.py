@@ -46,9 +46,8 @@ from lightning_rlhf.models.chat import encode_prompts
 from lightning_rlhf.models.reloadable import ReleasedReference
 from lightning_rlhf.models.lora import LoraOptions, adapters_disabled, apply_lora, lora_plan_lines
 from lightning_rlhf.rewards import CombinedReward, RewardOutput, build_reward, parse_reward_specs
-from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs
+from lightning_rlhf.rollout import ROLLOUT_ENGINES, Rollout, sequence_logprobs, use_fused_training_ops
 from lightning_rlhf.rollout.keyed import prompt_keys
-
 
 log = logging.getLogger(__name__)
 OLD_LOGPROBS = ("auto", "sampling", "recompute")
@@ -110,6 +109,7 @@ def load_policy_and_ref(policy: str, ref_model: str | None, beta: float, produce
     require_checkpoint(policy, produced_by)
     tokenizer = load_tokenizer(policy)
     model = disable_dropout(apply_lora(load_causal_lm(policy, gguf_file=gguf_file, dtype=dtype), lora)).train()
+    use_fused_training_ops(model)  # a small float32 model on a CPU: fused RMSNorm and SiLU kernels
     ref = None
     if beta > 0 and (lora is None or ref_model is not None):
         ref_path = ref_model or policy

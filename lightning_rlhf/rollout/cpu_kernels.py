@@ -45,7 +45,8 @@ from torch import Tensor
 
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode_kernels.c")  # the per-operation kernels
-STEP_SOURCE = SOURCE.with_name("decode_step.c")  # includes SOURCE: the file the build compiles
+STEP_SOURCE = SOURCE.with_name("decode_step.c")  # includes SOURCE and TRAIN_SOURCE: the file the build compiles
+TRAIN_SOURCE = SOURCE.with_name("train_kernels.c")  # RMSNorm and SiLU product forward and backward (`train_ops.py`)
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -56,7 +57,9 @@ _BY_DTYPE = {  # each kernel has a float32 version and a bfloat16 one (name_bf16
     "lr_attend": [_PTR] * 10 + [_I64] * 9,
     "lr_sample": [_PTR, _I64, _I64, _F32, _PTR, _PTR, _I64, _PTR, _PTR],
 }
-SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}, "lr_decode_step": [_PTR]}
+SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}, "lr_decode_step": [_PTR],
+              "lr_rms_norm_fwd": [_PTR] * 4 + [_I64, _I64, _F32], "lr_rms_norm_bwd": [_PTR] * 6 + [_I64, _I64],
+              "lr_silu_mul_bwd": [_PTR] * 5 + [_I64]}
 RETURNS_INT = ("lr_bf16_pairs", "lr_step_columns")  # kernels without arguments that return an int
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
 KEY_BLOCK = 32  # cache columns per block of keys (`cache_keys`)
@@ -83,8 +86,8 @@ def _cpu_flags() -> str:
 
 def library_path(compiler: str) -> Path:
     """Where the build for these sources, compiler, flags and CPU lives."""
-    parts = [SOURCE.read_bytes(), STEP_SOURCE.read_bytes(), compiler.encode(), " ".join(FLAGS).encode(),
-             _cpu_flags().encode()]
+    parts = [SOURCE.read_bytes(), STEP_SOURCE.read_bytes(), TRAIN_SOURCE.read_bytes(), compiler.encode(),
+             " ".join(FLAGS).encode(), _cpu_flags().encode()]
     key = hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
     root = Path(os.environ.get(DIR_ENV) or Path.home() / ".cache" / "lightning_rlhf" / "kernels")
     return root / f"decode-{key}.so"

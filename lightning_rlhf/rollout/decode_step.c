@@ -14,6 +14,7 @@
  * (float32; differs from MKL's or oneDNN's blocked sums by rounding, about 1e-7 relative).
  */
 #include "decode_kernels.c"
+#include <omp.h>
 
 #ifdef __AVX512F__
 #define GV 4 /* vectors of 8 columns per GEMM tile: GR x GV accumulators of the 32 registers */
@@ -146,3 +147,5 @@ void lr_decode_step(const Step *s) {
 
 /* The columns the weights passed to `lr_decode_step` are padded to a multiple of. */
 int lr_step_columns(void) { return GC; }
+
+#include "train_kernels.c" /* the training kernels: one library, one build */

@@ -62,11 +62,11 @@ def _lean(model: torch.nn.Module) -> LeanLlama | None:
 def response_logits(model: torch.nn.Module, ro: Rollout) -> Tensor | None:
     """(N, T, V) float32 logits at positions P-1 .. P+T-2 (those that predict the T response tokens), as
     `teacher_forcing._response_logits` gives them, through the one-call step; None where it does not apply
-    (gradients on, another dtype or device, a larger model, P < 2 or T < 1)."""
+    (gradients on, autocast on, another dtype or device, a larger model, P < 2 or T < 1)."""
     n, p = ro.prompt_ids.shape
     t = ro.response_ids.shape[1]
-    if torch.is_grad_enabled() or p < 2 or t < 1 or n == 0:
-        return None
+    if torch.is_grad_enabled() or torch.is_autocast_enabled("cpu") or p < 2 or t < 1 or n == 0:
+        return None  # under autocast the module path computes in the autocast dtype, as the training pass does
     lean = _lean(model)
     if lean is None:
         return None
