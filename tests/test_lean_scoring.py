@@ -126,7 +126,7 @@ def test_the_copied_weights_follow_an_update_of_the_parameters():
 
 
 @needs_kernels
-def test_a_bad_masked_argument_is_refused():
+def test_bad_arguments_to_a_many_token_call_are_refused():
     lean = LeanLlama.from_model(llama())
     ids, mask = padded_prompts(3, 4)
     with torch.no_grad():
@@ -135,3 +135,5 @@ def test_a_bad_masked_argument_is_refused():
         cos, sin = lean._rope_rows(torch.arange(12) % 4 + 4)
         with pytest.raises(ValueError, match="masked must be int64"):
             lean.step(torch.randint(3, 250, (12,)), cos, sin, cache, 4, steps=4, masked=torch.zeros(3))
+        with pytest.raises(ValueError, match="11 tokens for 3 cache rows x 4 steps"):
+            lean.step(torch.randint(3, 250, (11,)), cos[:11], sin[:11], cache, 4, steps=4)

@@ -11,7 +11,9 @@ SMALL_STEP_BYTES.
 `DecodeStep(layers, embed, norm, head, head_bias, heads, kv_heads, head_dim, eps)` copies the projections once,
 transposed and stacked (q|k|v, gate|up) with their columns padded as the kernel reads them; calling it with one
 step's tokens, rotary tables and a `SharedPromptKVCache` writes each new key and value into the cache and
-returns the float32 logits (n, V).
+returns the float32 logits (n, V). With `steps` > 1 it takes that many consecutive tokens per cache row, each
+attending to the ones before it: a whole prompt (its left padding `masked`: `LeanLlama.prefill`) or a whole
+response (the teacher-forced pass of `lean_scoring.py`) in one call.
 
 Simplified: float32 only (a bfloat16 model keeps the per-operation kernels); the weights are copied, so the
 step sees the model as it was when `LeanLlama` was built (as the rest of the engine does).
@@ -131,10 +133,12 @@ class DecodeStep:
         n = tokens.shape[0]
         pcols, cols = (cpu_kernels._cache_columns(*cache.prompt[0]), cpu_kernels._cache_columns(*cache.kv[0]))
         width = column - cache.prompt_width + 1
-        if (not 1 <= width <= cols - steps + 1 or n != steps * cache.prompt_of_row.shape[0]
-                or tokens.dtype != torch.int64 or cos.dtype != torch.float32):
-            raise ValueError(f"decode step: column {column} is outside the cache's {cache.prompt_width} + {cols} "
-                             f"columns, or tokens {tokens.dtype} / cos {cos.dtype} are not int64 / float32")
+        if not 1 <= width <= cols - steps + 1 or tokens.dtype != torch.int64 or cos.dtype != torch.float32:
+            raise ValueError(f"decode step: columns {column} .. {column + steps - 1} are outside the cache's "
+                             f"{cache.prompt_width} + {cols} columns, or tokens {tokens.dtype} / cos {cos.dtype} are "
+                             "not int64 / float32")
+        if n != steps * cache.prompt_of_row.shape[0]:
+            raise ValueError(f"decode step: {n} tokens for {cache.prompt_of_row.shape[0]} cache rows x {steps} steps")
         if masked is not None and (masked.dtype != torch.int64 or masked.shape != cache.prompt_of_row.shape):
             raise ValueError(f"decode step: masked must be int64 of shape {tuple(cache.prompt_of_row.shape)}, got "
                              f"{masked.dtype} {tuple(masked.shape)}")
