@@ -47,6 +47,47 @@ def test_silu_product_forward_and_backward_by_hand():
     assert torch.allclose(gate.grad, torch.tensor([[1.5, 2.7830095]]), atol=1e-5)
 
 
+@needs_kernels
+def test_token_logprobs_forward_and_backward_by_hand():
+    # logits [0, ln 3, -inf] at T = 1: p = [1/4, 3/4, 0]; token 1: logp = ln(3/4) = -0.2876821
+    # entropy = -(1/4 ln 1/4 + 3/4 ln 3/4) = 0.3465736 + 0.2157616 = 0.5623351 (the -inf entry adds 0)
+    logits = torch.tensor([[[0.0, 1.0986123, float("-inf")]]], requires_grad=True)
+    logp, ent = train_ops.token_logprobs(logits, torch.tensor([[1]]), 1.0, True)
+    assert torch.allclose(logp, torch.tensor([[-0.2876821]]), atol=1e-6)
+    assert torch.allclose(ent, torch.tensor([[0.5623351]]), atol=1e-6)
+    (2.0 * logp).sum().backward()  # g = 2: dlogits = g * (onehot - p) = 2 * [-1/4, 1 - 3/4, 0] = [-0.5, 0.5, 0]
+    assert torch.allclose(logits.grad, torch.tensor([[[-0.5, 0.5, 0.0]]]), atol=1e-6)
+    # T = 2 halves the logits: [0, ln 3 / 2] -> p = [1 / (1 + sqrt 3), sqrt 3 / (1 + sqrt 3)] = [0.3660254, 0.6339746]
+    # token 0: logp = ln 0.3660254 = -1.0050525; dlogits = (1 / T) * g * (onehot - p) = 0.5 * [0.6339746, -0.6339746]
+    logits.grad = None
+    logp, ent = train_ops.token_logprobs(logits, torch.tensor([[0]]), 2.0, False)
+    assert ent is None and torch.allclose(logp, torch.tensor([[-1.0050525]]), atol=1e-6)
+    logp.sum().backward()
+    assert torch.allclose(logits.grad, torch.tensor([[[0.3169873, -0.3169873, 0.0]]]), atol=1e-6)
+
+
+@needs_kernels
+def test_token_logprobs_match_the_functional_version_and_refuse_bad_input():
+    from lightning_rlhf.functional import logprobs_and_entropy
+
+    torch.manual_seed(0)
+    logits = (torch.randn(3, 5, 1003) * 4).requires_grad_()  # 1003: not a multiple of the 8 lanes
+    logits.data[0, 0, :7] = float("-inf")
+    tokens, weights = torch.randint(0, 1003, (3, 5)), torch.randn(3, 5)
+    want, want_ent = logprobs_and_entropy(logits, tokens, 0.7)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), logits)
+    got, got_ent = train_ops.token_logprobs(logits, tokens, 0.7)
+    (got_grad,) = torch.autograd.grad((got * weights).sum(), logits)
+    assert torch.allclose(got, want, atol=1e-5) and torch.allclose(got_ent, want_ent, atol=1e-5)
+    assert torch.allclose(got_grad, want_grad, atol=1e-6)
+    bad = logits.detach().clone()
+    bad[1, 2, 3] = float("nan")  # a NaN logit is not hidden: that row's log-prob is NaN
+    assert train_ops.token_logprobs(bad, tokens, 1.0)[0].isnan().nonzero().tolist() == [[1, 2]]
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 1003\)"):
+        train_ops.token_logprobs(logits, torch.full((3, 5), 1003), 1.0)
+    assert train_ops.token_logprobs(logits.double(), tokens, 1.0) is None  # the functional version takes it
+
+
 def llama() -> LlamaForCausalLM:
     return LlamaForCausalLM(LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=136, num_hidden_layers=2,
                                         num_attention_heads=4, num_key_value_heads=2, mlp_bias=True))

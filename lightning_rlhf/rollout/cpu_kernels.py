@@ -46,7 +46,7 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("decode_kernels.c")  # the per-operation kernels
 STEP_SOURCE = SOURCE.with_name("decode_step.c")  # includes SOURCE and TRAIN_SOURCE: the file the build compiles
-TRAIN_SOURCE = SOURCE.with_name("train_kernels.c")  # RMSNorm and SiLU product forward and backward (`train_ops.py`)
+TRAIN_SOURCE = SOURCE.with_name("train_kernels.c")  # RMSNorm, SiLU product, token log-probs: forward, backward
 FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
 ENV, DIR_ENV = "LIGHTNING_RLHF_KERNELS", "LIGHTNING_RLHF_KERNELS_DIR"
 _I64, _F32, _PTR = ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
@@ -59,7 +59,9 @@ _BY_DTYPE = {  # each kernel has a float32 version and a bfloat16 one (name_bf16
 }
 SIGNATURES = {**_BY_DTYPE, **{f"{name}_bf16": args for name, args in _BY_DTYPE.items()}, "lr_decode_step": [_PTR],
               "lr_rms_norm_fwd": [_PTR] * 4 + [_I64, _I64, _F32], "lr_rms_norm_bwd": [_PTR] * 6 + [_I64, _I64],
-              "lr_silu_mul_bwd": [_PTR] * 5 + [_I64]}
+              "lr_silu_mul_bwd": [_PTR] * 5 + [_I64],
+              "lr_token_logprobs_fwd": [_PTR] * 5 + [_I64, _I64, _F32],
+              "lr_token_logprobs_bwd": [_PTR] * 5 + [_I64, _I64, _F32]}
 RETURNS_INT = ("lr_bf16_pairs", "lr_step_columns")  # kernels without arguments that return an int
 DTYPES = (torch.float32, torch.bfloat16)  # the model dtypes the kernels take
 KEY_BLOCK = 32  # cache columns per block of keys (`cache_keys`)

@@ -22,7 +22,7 @@ from transformers import cache_utils
 
 from lightning_rlhf.functional import entropy_from_logits, logprobs_and_entropy, logprobs_from_logits
 from lightning_rlhf.models.lora import unwrap_peft
-from lightning_rlhf.rollout import lean_scoring
+from lightning_rlhf.rollout import lean_scoring, train_ops
 from lightning_rlhf.rollout.base import Rollout
 
 
@@ -186,7 +186,9 @@ def sequence_logprobs(
     mask = rollout.response_mask > 0
     raw = _response_logits(model, rollout)
     if not (entropy_grad or return_logits):  # the lean path: no float32 copy of the logits is kept
-        logprobs, entropy = logprobs_and_entropy(raw, rollout.response_ids, temperature, with_entropy=return_entropy)
+        fused = train_ops.token_logprobs(raw, rollout.response_ids, temperature, with_entropy=return_entropy)
+        logprobs, entropy = fused or logprobs_and_entropy(raw, rollout.response_ids, temperature,
+                                                          with_entropy=return_entropy)
         logprobs = torch.where(mask, logprobs, 0.0)
         if not return_entropy:
             return logprobs

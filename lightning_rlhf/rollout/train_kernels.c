@@ -84,3 +84,72 @@ void lr_silu_mul_bwd(const float *gate, const float *up, const float *g, float *
         }
     }
 }
+
+/* Per row i of x (n, v): z = x * inv_t - m, with m the row's largest scaled value (0 when that is not finite, as
+ * in `functional.logprobs`), ls = log sum exp(z), so log softmax(x * inv_t) = z - ls. Writes
+ *   stats[2i] = m, stats[2i + 1] = ls            (kept for the backward),
+ *   logp[i] = z[tok[i]] - ls,
+ *   entropy[i] = ls - sum_j p_j z_j  with p = exp(z - ls), entries of -inf adding 0   (when entropy is not NULL).
+ * Two passes over each row (max; exp and sums), where torch's chunked path takes about ten. */
+void lr_token_logprobs_fwd(const float *x, const int64_t *tok, float *stats, float *logp, float *entropy,
+                           int64_t n, int64_t v, float inv_t) {
+#pragma omp parallel for schedule(static) if (n * v >= 32768)
+    for (int64_t i = 0; i < n; ++i) {
+        const float *xi = x + i * v;
+        v8 top8 = -INFINITY - (v8){0};
+        int64_t j = 0;
+        for (; j + 8 <= v; j += 8) {
+            const v8 a = load8(xi + j);
+            const v8i more = a > top8;
+            top8 = (v8)(((v8i)a & more) | ((v8i)top8 & ~more));
+        }
+        float top = -INFINITY;
+        for (int k = 0; k < 8; ++k) top = top8[k] > top ? top8[k] : top;
+        for (; j < v; ++j) top = xi[j] > top ? xi[j] : top;
+        float m = top * inv_t; /* inv_t > 0: the largest scaled value is the scaled largest */
+        if (!isfinite(m)) m = 0.0f;
+        const v8 mm = m - (v8){0}, t8 = inv_t - (v8){0}, ninf = -INFINITY - (v8){0};
+        v8 s8 = {0}, ez8 = {0};
+        for (j = 0; j + 8 <= v; j += 8) {
+            const v8 z = load8(xi + j) * t8 - mm, e = exp8(z);
+            const v8i keep = ~(z == ninf); /* exp8 clamps: -inf entries add exactly 0 (NaNs propagate) */
+            s8 += (v8)((v8i)e & keep);
+            ez8 += (v8)((v8i)(e * z) & keep);
+        }
+        float s = 0.0f, ez = 0.0f;
+        for (int k = 0; k < 8; ++k) { s += s8[k]; ez += ez8[k]; }
+        for (; j < v; ++j) {
+            const float z = xi[j] * inv_t - m;
+            if (z != -INFINITY) { const float e = exp1(z); s += e; ez += e * z; }
+        }
+        const float ls = logf(s);
+        stats[2 * i] = m;
+        stats[2 * i + 1] = ls;
+        logp[i] = (xi[tok[i]] * inv_t - m) - ls;
+        if (entropy) entropy[i] = ls - ez / s;
+    }
+}
+
+/* The gradient of logp (above) from g (n,): dx_ij = inv_t * g_i * ([j == tok_i] - exp(z_ij - ls_i)). */
+void lr_token_logprobs_bwd(const float *x, const int64_t *tok, const float *stats, const float *g, float *dx,
+                           int64_t n, int64_t v, float inv_t) {
+#pragma omp parallel for schedule(static) if (n * v >= 32768)
+    for (int64_t i = 0; i < n; ++i) {
+        const float *xi = x + i * v;
+        float *di = dx + i * v;
+        const float m = stats[2 * i], ls = stats[2 * i + 1], gi = g[i];
+        const v8 mm = m - (v8){0}, lsv = ls - (v8){0}, t8 = inv_t - (v8){0}, ninf = -INFINITY - (v8){0};
+        const v8 scale = -(gi * inv_t) - (v8){0};
+        int64_t j = 0;
+        for (; j + 8 <= v; j += 8) {
+            const v8 z = load8(xi + j) * t8 - mm;
+            const v8 p = (v8)((v8i)exp8(z - lsv) & ~(z == ninf));
+            store8(di + j, p * scale);
+        }
+        for (; j < v; ++j) {
+            const float z = xi[j] * inv_t - m;
+            di[j] = z != -INFINITY ? exp1(z - ls) * -(gi * inv_t) : 0.0f;
+        }
+        di[tok[i]] += gi * inv_t;
+    }
+}

@@ -1,5 +1,8 @@
 """RMSNorm and the MLP's SiLU(gate) * up of a small float32 Llama-family model, trained on a CPU, through fused
-kernels (`train_kernels.c`): forward and backward each one pass over memory.
+kernels (`train_kernels.c`): forward and backward each one pass over memory. Also the token log-probs (and entropy)
+of any float32 logits on a CPU (`token_logprobs`, used by `teacher_forcing.sequence_logprobs`): two passes over
+each row forward and one backward, where the chunked torch version (`functional.logprobs_and_entropy`) takes about
+ten; 12x faster on a 512-token vocabulary, 9x on SmolLM2's 49k.
 
 A small model's update is many short kernels: an HF RMSNorm is 5 kernels forward and about 10 backward
 (float32 cast, pow, mean, rsqrt, two products, and their gradients), the SiLU product 2 forward and 3 backward.
@@ -63,6 +66,52 @@ class _SiluMul(torch.autograd.Function):
         dgate, dup = torch.empty_like(gate), torch.empty_like(up)
         cpu_kernels.kernels().lr_silu_mul_bwd(_p(gate), _p(up), _p(g), _p(dgate), _p(dup), gate.numel())
         return dgate, dup
+
+
+class _TokenLogprobs(torch.autograd.Function):
+    """log softmax(logits / T)[token] per row of (n, V) float32 logits, and the entropy, in one kernel call."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, tokens: Tensor, temperature: float, with_entropy: bool):  # type: ignore[override]
+        n, v = logits.shape
+        stats, logp = logits.new_empty(n, 2), logits.new_empty(n)
+        entropy = logits.new_empty(n) if with_entropy else None
+        cpu_kernels.kernels().lr_token_logprobs_fwd(_p(logits), _p(tokens), _p(stats), _p(logp),
+                                                    _p(entropy) if with_entropy else None, n, v, 1.0 / temperature)
+        ctx.save_for_backward(logits, tokens, stats)
+        ctx.inv_t = 1.0 / temperature
+        if entropy is not None:
+            ctx.mark_non_differentiable(entropy)
+        return logp, entropy
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor, _grad_entropy: Tensor | None):  # type: ignore[override]
+        logits, tokens, stats = ctx.saved_tensors
+        g, dx = grad.contiguous(), torch.empty_like(logits)
+        cpu_kernels.kernels().lr_token_logprobs_bwd(_p(logits), _p(tokens), _p(stats), _p(g), _p(dx), *logits.shape,
+                                                    ctx.inv_t)
+        return dx, None, None, None
+
+
+def token_logprobs(logits: Tensor, tokens: Tensor, temperature: float = 1.0,
+                   with_entropy: bool = True) -> tuple[Tensor, Tensor | None] | None:
+    """`functional.logprobs_and_entropy` through one fused kernel call forward and one backward, for float32 logits
+    (B, T, V) on a CPU; None where it does not take them (another dtype or device, or no kernels built), and the
+    caller runs the functional version. Results differ from it by rounding (its exp is torch's, ours `exp8`;
+    about 1e-7 relative)."""
+    if logits.dtype != torch.float32 or logits.device.type != "cpu" or cpu_kernels.kernels() is None:
+        return None
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"logits shape {tuple(logits.shape)} does not match tokens shape {tuple(tokens.shape)}")
+    flat_tokens = tokens.reshape(-1).long().contiguous()
+    vocab = logits.shape[-1]
+    if flat_tokens.numel() and not 0 <= int(flat_tokens.min()) <= int(flat_tokens.max()) < vocab:
+        raise ValueError(f"token ids must lie in [0, {vocab}) (the logits' vocabulary), got "
+                         f"{int(flat_tokens.min())}..{int(flat_tokens.max())}")
+    logp, ent = _TokenLogprobs.apply(logits.reshape(-1, vocab).contiguous(), flat_tokens, float(temperature),
+                                     with_entropy)
+    return logp.reshape(tokens.shape), None if ent is None else ent.reshape(tokens.shape)
 
 
 def _takes(*tensors: Tensor) -> bool:
