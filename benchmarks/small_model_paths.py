@@ -7,9 +7,12 @@
   call) against the HF modules (`teacher_forcing`'s shared-prompt forward);
 - prefill: the 8 prompts through the one-call step (`LeanLlama.prefill`) against the per-operation prefill;
 - training forward and backward of the same rows with the fused RMSNorm and SiLU kernels (`rollout/train_ops.py`)
-  against the HF modules.
+  against the HF modules;
+- token log-probs and entropy, forward and backward, of the 32 x 32 response logits at the model's vocabulary and
+  at SmolLM2's (49152), through the fused kernel (`train_ops.token_logprobs`) against the chunked torch version
+  (`functional.logprobs_and_entropy`).
 
-Each line prints the medians (ms) over `--repeats` alternating rounds of 20 calls and the ratio module / ours,
+Each line prints the medians (ms) over `--repeats` alternating rounds of 10 calls and the ratio replaced / ours,
 with the machine's CPU model. Record results in benchmarks/RESULTS.md.
 """
 
@@ -27,12 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lightning_rlhf.algorithms.runtime import cpu_model  # noqa: E402
 from lightning_rlhf.models import load_causal_lm  # noqa: E402
-from lightning_rlhf.rollout import Rollout, decode_step, lean_scoring, use_fused_training_ops  # noqa: E402
+from lightning_rlhf.functional import logprobs_and_entropy  # noqa: E402
+from lightning_rlhf.rollout import Rollout, decode_step, lean_scoring, train_ops, use_fused_training_ops  # noqa: E402
 from lightning_rlhf.rollout.lean_llama import LeanLlama  # noqa: E402
 from lightning_rlhf.rollout.teacher_forcing import _plain_or_shared_logits  # noqa: E402
 
 
-def timed(fn, calls: int = 20) -> float:
+def timed(fn, calls: int = 10) -> float:
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -66,22 +70,32 @@ def main() -> None:
         m.zero_grad(set_to_none=True)
         m(inputs, attention_mask=ro.attention_mask, logits_to_keep=t + 1).logits.logsumexp(-1).sum().backward()
 
+    def token_logprobs(fn, logits: torch.Tensor) -> None:
+        logits.grad = None
+        fn(logits, ro.response_ids % logits.shape[-1], 1.0, True)[0].sum().backward()
+
+    small = torch.randn(prompts * g, t, vocab, requires_grad=True)
+    big = torch.randn(prompts * g, t, 49152, requires_grad=True)
     pairs = {
         "reference pass": (lambda: lean_scoring.response_logits(model, ro), lambda: _plain_or_shared_logits(model, ro)),
         "prefill": (lambda: lean.prefill(ids, mask), lambda: ops.prefill(ids, mask)),
         "train fwd+bwd": (lambda: train(fused), lambda: train(plain)),
+        f"logprobs V={vocab}": (lambda: token_logprobs(train_ops.token_logprobs, small),
+                                lambda: token_logprobs(logprobs_and_entropy, small)),
+        "logprobs V=49152": (lambda: token_logprobs(train_ops.token_logprobs, big),
+                             lambda: token_logprobs(logprobs_and_entropy, big)),
     }
     print(f"machine: {cpu_model()}; model {a.model}; {prompts} prompts x {g} samples, prompt {a.prompt_tokens} "
           f"tokens, response {t}")
     for name, (ours, module) in pairs.items():
         times: dict[str, list[float]] = {"ours": [], "module": []}
-        with torch.set_grad_enabled(name.startswith("train")):
+        with torch.set_grad_enabled(not name.startswith(("reference", "prefill"))):
             ours(), module()  # warm-up (and the one-time weight copy of the reference pass)
             for _ in range(a.repeats):
                 times["ours"].append(timed(ours))
                 times["module"].append(timed(module))
         o, m = statistics.median(times["ours"]), statistics.median(times["module"])
-        print(f"{name:15s} ours {o:7.2f} ms  module {m:7.2f} ms  module / ours {m / o:.2f}x")
+        print(f"{name:17s} ours {o:7.2f} ms  replaced {m:7.2f} ms  replaced / ours {m / o:.2f}x")
 
 
 if __name__ == "__main__":
