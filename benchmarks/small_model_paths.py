@@ -1,4 +1,4 @@
-"""A small float32 model's CPU paths, each against the module path it replaces, alternating in one process:
+"""A small float32 model's CPU paths, each against the path it replaces, alternating in one process:
 
     python benchmarks/small_model_paths.py --model checkpoints/tiny-base [--prompt-tokens 43] [--repeats 5]
 
@@ -70,31 +70,32 @@ def main() -> None:
         m.zero_grad(set_to_none=True)
         m(inputs, attention_mask=ro.attention_mask, logits_to_keep=t + 1).logits.logsumexp(-1).sum().backward()
 
-    def token_logprobs(fn, logits: torch.Tensor) -> None:
+    def token_logprobs(fn, logits: torch.Tensor, tokens: torch.Tensor) -> None:
         logits.grad = None
-        fn(logits, ro.response_ids % logits.shape[-1], 1.0, True)[0].sum().backward()
+        fn(logits, tokens, 1.0, True)[0].sum().backward()
 
     small = torch.randn(prompts * g, t, vocab, requires_grad=True)
     big = torch.randn(prompts * g, t, 49152, requires_grad=True)
+    tokens_small, tokens_big = ro.response_ids % vocab, ro.response_ids % 49152
     pairs = {
         "reference pass": (lambda: lean_scoring.response_logits(model, ro), lambda: _plain_or_shared_logits(model, ro)),
         "prefill": (lambda: lean.prefill(ids, mask), lambda: ops.prefill(ids, mask)),
         "train fwd+bwd": (lambda: train(fused), lambda: train(plain)),
-        f"logprobs V={vocab}": (lambda: token_logprobs(train_ops.token_logprobs, small),
-                                lambda: token_logprobs(logprobs_and_entropy, small)),
-        "logprobs V=49152": (lambda: token_logprobs(train_ops.token_logprobs, big),
-                             lambda: token_logprobs(logprobs_and_entropy, big)),
+        f"logprobs V={vocab}": (lambda: token_logprobs(train_ops.token_logprobs, small, tokens_small),
+                                lambda: token_logprobs(logprobs_and_entropy, small, tokens_small)),
+        "logprobs V=49152": (lambda: token_logprobs(train_ops.token_logprobs, big, tokens_big),
+                             lambda: token_logprobs(logprobs_and_entropy, big, tokens_big)),
     }
     print(f"machine: {cpu_model()}; model {a.model}; {prompts} prompts x {g} samples, prompt {a.prompt_tokens} "
           f"tokens, response {t}")
-    for name, (ours, module) in pairs.items():
-        times: dict[str, list[float]] = {"ours": [], "module": []}
+    for name, (ours, replaced) in pairs.items():
+        times: dict[str, list[float]] = {"ours": [], "replaced": []}
         with torch.set_grad_enabled(not name.startswith(("reference", "prefill"))):
-            ours(), module()  # warm-up (and the one-time weight copy of the reference pass)
+            ours(), replaced()  # warm-up (and the one-time weight copy of the reference pass)
             for _ in range(a.repeats):
                 times["ours"].append(timed(ours))
-                times["module"].append(timed(module))
-        o, m = statistics.median(times["ours"]), statistics.median(times["module"])
+                times["replaced"].append(timed(replaced))
+        o, m = statistics.median(times["ours"]), statistics.median(times["replaced"])
         print(f"{name:17s} ours {o:7.2f} ms  replaced {m:7.2f} ms  replaced / ours {m / o:.2f}x")
 
 
